@@ -1,0 +1,199 @@
+#!/usr/bin/env python3
+"""Set up SDS Head on this machine (stdlib only, idempotent).
+
+    python3 install.py                 backend environment in .venv/
+    python3 install.py --dev           + test tools, .venv-bpy/ (bpy wheel) and Debian's Blender
+    python3 install.py --blender PATH  + install the add-on into that Blender ("auto" finds one)
+
+torch is pinned to one release. Its build is chosen per machine: the CUDA build (PyPI's
+default Linux wheel) where `nvidia-smi` answers, otherwise the CPU build from PyTorch's CPU
+index when that index is reachable. A local wheel that pip already finds (find-links) is
+used as it is; the CPU index is an extra source, never the only one.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+VENV = ROOT / ".venv"
+VENV_BPY = ROOT / ".venv-bpy"
+
+TORCH_PIN = "torch==2.13.0"
+CPU_INDEX = "https://download.pytorch.org/whl/cpu"
+BACKEND_DEV_PACKAGES = ["pytest>=9,<10", "pygltflib>=1.16"]
+BPY_PACKAGES = ["bpy==5.0.1", "numpy<2", "pytest>=9,<10"]
+DEBIAN_PACKAGES = ["blender", "xvfb", "xauth"]
+MIN_PYTHON = (3, 10)
+BPY_PYTHON = (3, 11)  # the bpy 5.0 wheel exists for CPython 3.11 only
+
+
+class StepFailed(RuntimeError):
+    pass
+
+
+def say(message: str) -> None:
+    print(f"[install] {message}", flush=True)
+
+
+def run(step: str, cmd: list[str], **kwargs) -> None:
+    say(f"{step}: {' '.join(str(c) for c in cmd)}")
+    result = subprocess.run([str(c) for c in cmd], **kwargs)
+    if result.returncode != 0:
+        raise StepFailed(f"step '{step}' failed (exit code {result.returncode}); see the output above")
+
+
+def venv_python(venv: Path) -> Path:
+    return venv / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+
+
+def stamp_matches(venv: Path, name: str, content: str) -> bool:
+    """Skip a pip step whose inputs did not change since it last succeeded."""
+    stamp = venv / f".sds-head-{name}.stamp"
+    digest = hashlib.sha256(content.encode()).hexdigest()
+    return stamp.exists() and stamp.read_text() == digest
+
+
+def write_stamp(venv: Path, name: str, content: str) -> None:
+    (venv / f".sds-head-{name}.stamp").write_text(hashlib.sha256(content.encode()).hexdigest())
+
+
+def ensure_venv(venv: Path, python: str) -> Path:
+    py = venv_python(venv)
+    if py.exists() and subprocess.run([str(py), "-c", "import pip"], capture_output=True).returncode == 0:
+        say(f"environment {venv.name}/ exists")
+        return py
+    if venv.exists():
+        shutil.rmtree(venv)
+    run(f"create {venv.name}", [python, "-m", "venv", str(venv)])
+    return py
+
+
+def has_nvidia_gpu() -> bool:
+    if shutil.which("nvidia-smi") is None:
+        return False
+    try:
+        return subprocess.run(["nvidia-smi", "-L"], capture_output=True, timeout=20).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def reachable(url: str) -> bool:
+    try:
+        urllib.request.urlopen(url, timeout=5)
+        return True
+    except Exception:
+        return False
+
+
+def install_torch(py: Path) -> None:
+    if has_nvidia_gpu():
+        say("nvidia-smi answers: installing the CUDA build of torch from PyPI")
+        extra: list[str] = []
+    elif reachable(CPU_INDEX + "/torch/"):
+        say("no NVIDIA GPU: installing the CPU build of torch (PyTorch CPU index as an extra source)")
+        extra = ["--extra-index-url", CPU_INDEX]
+    else:
+        say("no NVIDIA GPU and the PyTorch CPU index is unreachable: using the torch build pip finds "
+            "(a local +cpu wheel when one is on find-links)")
+        extra = []
+    key = TORCH_PIN + " ".join(extra)
+    if stamp_matches(py.parent.parent, "torch", key):
+        say("torch already installed")
+        return
+    run("install torch", [py, "-m", "pip", "install", TORCH_PIN, *extra])
+    write_stamp(py.parent.parent, "torch", key)
+
+
+def install_backend(py: Path, dev: bool) -> None:
+    extras = ".[dev]" if dev else "."
+    key = (ROOT / "pyproject.toml").read_text() + extras
+    if stamp_matches(VENV, "backend", key):
+        say("backend packages already installed")
+        return
+    run("install sds_backend (editable) and its dependencies",
+        [py, "-m", "pip", "install", "-e", extras], cwd=ROOT)
+    write_stamp(VENV, "backend", key)
+
+
+def find_python(version: tuple[int, int]) -> str | None:
+    if sys.version_info[:2] == version:
+        return sys.executable
+    name = f"python{version[0]}.{version[1]}"
+    return shutil.which(name)
+
+
+def install_bpy_venv() -> None:
+    python = find_python(BPY_PYTHON)
+    if python is None:
+        say(f"SKIP .venv-bpy: the bpy wheel needs Python {BPY_PYTHON[0]}.{BPY_PYTHON[1]}, none found; "
+            "add-on in-process tests will be skipped")
+        return
+    py = ensure_venv(VENV_BPY, python)
+    key = " ".join(BPY_PACKAGES)
+    if stamp_matches(VENV_BPY, "bpy", key):
+        say("bpy wheel already installed")
+        return
+    run("install bpy wheel (numpy<2) for add-on tests", [py, "-m", "pip", "install", *BPY_PACKAGES])
+    write_stamp(VENV_BPY, "bpy", key)
+
+
+def install_debian_blender() -> None:
+    missing = [p for p, exe in (("blender", "blender"), ("xvfb", "xvfb-run")) if shutil.which(exe) is None]
+    if not missing:
+        say("blender and xvfb-run present")
+        return
+    if shutil.which("apt-get") is None or os.geteuid() != 0:
+        say(f"SKIP Debian packages {missing}: needs apt-get as root; end-to-end Blender tests will be skipped")
+        return
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    if subprocess.run(["apt-get", "install", "-y", "--no-install-recommends", *DEBIAN_PACKAGES], env=env).returncode != 0:
+        run("apt-get update", ["apt-get", "update"], env=env)
+        run("install Blender and Xvfb", ["apt-get", "install", "-y", "--no-install-recommends", *DEBIAN_PACKAGES], env=env)
+
+
+def install_addon(blender: str, backend_python: Path) -> None:
+    if blender == "auto":
+        found = shutil.which("blender")
+        if found is None:
+            raise StepFailed("step 'install add-on' failed: no 'blender' on PATH; pass --blender /path/to/blender")
+        blender = found
+    run("install the add-on into Blender",
+        [blender, "-b", "--factory-startup", "--python-exit-code", "1",
+         "-P", ROOT / "blender_addon" / "install_into_blender.py", "--",
+         "--addon-dir", ROOT / "blender_addon", "--backend-python", backend_python])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dev", action="store_true", help="also install test tools, .venv-bpy and Blender")
+    parser.add_argument("--blender", metavar="PATH", help="install the add-on into this Blender ('auto': from PATH)")
+    args = parser.parse_args(argv)
+
+    if sys.version_info[:2] < MIN_PYTHON:
+        print(f"[install] needs Python >= {MIN_PYTHON[0]}.{MIN_PYTHON[1]}, this is {sys.version.split()[0]}", file=sys.stderr)
+        return 2
+    try:
+        py = ensure_venv(VENV, sys.executable)
+        install_torch(py)
+        install_backend(py, args.dev)
+        if args.dev:
+            install_bpy_venv()
+            install_debian_blender()
+        if args.blender:
+            install_addon(args.blender, py)
+    except StepFailed as exc:
+        print(f"[install] {exc}", file=sys.stderr)
+        return 1
+    say(f"done. Backend Python: {py}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,42 @@
+"""Command line: python -m sds_backend {fit,serve,doctor,bench,make-head,make-tiny-sd} ...
+
+Each subcommand lives in its own module; this file only routes, so `--help` stays fast and
+importing the CLI never loads torch until a command needs it.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# subcommand -> (module, one-line help). Each module has add_arguments(parser) and run(args) -> int.
+COMMANDS = {
+    "fit": ("sds_backend.cli_fit", "fit the head to a text prompt and write the outputs"),
+    "serve": ("sds_backend.server", "speak the JSON-lines protocol on stdin/stdout (used by the Blender add-on)"),
+    "doctor": ("sds_backend.doctor", "report device, versions, whether the model and the default head load"),
+    "bench": ("sds_backend.bench", "print benchmark figures as one JSON object"),
+    "make-head": ("sds_backend.make_head", "build assets/default_head.npz from the CC0 MakeHuman data"),
+    "make-tiny-sd": ("sds_backend.tiny_sd_cli", "save a tiny random Stable Diffusion folder (tests, demos)"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="python -m sds_backend", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_, help_text) in COMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    if not argv or argv[0] in ("-h", "--help"):
+        parser.print_help()
+        return 0 if argv else 2
+    name = argv[0]
+    if name not in COMMANDS:
+        parser.error(f"unknown command {name!r}; choose from {', '.join(COMMANDS)}")
+    module = importlib.import_module(COMMANDS[name][0])
+    command_parser = argparse.ArgumentParser(prog=f"python -m sds_backend {name}", description=COMMANDS[name][1])
+    module.add_arguments(command_parser)
+    return int(module.run(command_parser.parse_args(argv[1:])) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
