@@ -1,0 +1,33 @@
+"""Shared fixtures for backend tests: no network, a tiny random Stable Diffusion on disk."""
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+
+# Tests never touch the network: hub libraries stay offline, and any socket connection to a
+# non-local address fails loudly instead of hanging on a retry.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+
+_real_connect = socket.socket.connect
+
+
+def _local_only_connect(self, address):
+    host = address[0] if isinstance(address, tuple) else address
+    if isinstance(host, str) and host not in ("127.0.0.1", "::1", "localhost") and not host.startswith("/"):
+        raise RuntimeError(f"test tried to open a network connection to {address!r}")
+    return _real_connect(self, address)
+
+
+socket.socket.connect = _local_only_connect
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_dir(tmp_path_factory):
+    """A tiny random SD pipeline saved with save_pretrained, loaded like a real model folder."""
+    from sds_backend.tiny_sd import save_tiny_sd
+
+    return save_tiny_sd(tmp_path_factory.mktemp("tiny_sd") / "model")
