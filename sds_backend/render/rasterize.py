@@ -1,0 +1,291 @@
+"""Visibility and differentiable barycentrics: the `rasterize` primitive.
+
+Visibility is a scanline rasterizer written with whole-tensor torch ops: every triangle is
+cut into one span per pixel row it covers, spans are expanded into fragments, and a z-buffer
+keeps the nearest fragment per pixel (one `scatter_reduce`). Work is proportional to the
+covered area plus the number of (triangle, row) pairs, never to bounding boxes. Barycentrics
+of the surviving pixels are then recomputed from the clip-space vertices with autograd on,
+so gradients reach vertex positions through everything interpolated from them.
+
+Conventions (shared by every primitive in this package):
+    clip space      OpenGL: visible when -w <= x, y, z <= w; NDC = clip.xyz / w
+    image           row 0 is the top of the image (NDC y = +1), column 0 the left (x = -1)
+    pixel centres   NDC x = (2i + 1) / W - 1,  y = 1 - (2j + 1) / H
+    coverage rule   a pixel centre on a shared edge belongs to exactly one triangle: spans
+                    include their left end and top row, exclude their right end and bottom row
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+_EMPTY_KEY = torch.iinfo(torch.int64).max
+_LOW32 = 0xFFFFFFFF
+
+
+@dataclass(frozen=True)
+class Rasterization:
+    """Result of `rasterize`, stored compactly over the P covered pixels.
+
+    resolution  (H, W)
+    batch       B
+    pixels      int64 [P]     flat pixel index b*H*W + row*W + col, ascending
+    triangles   int64 [P]     face index in [0, F) of the visible triangle
+    bary        float [3, P]  perspective-correct barycentrics; differentiable in clip_verts
+    depth       float [P]     NDC depth z/w of the visible surface (no gradient)
+    """
+
+    resolution: tuple[int, int]
+    batch: int
+    pixels: torch.Tensor
+    triangles: torch.Tensor
+    bary: torch.Tensor
+    depth: torch.Tensor
+
+    @property
+    def num_pixels(self) -> int:
+        return self.batch * self.resolution[0] * self.resolution[1]
+
+    def triangle_id(self) -> torch.Tensor:
+        """int64 [B, H, W]: visible face index, -1 where no triangle covers the pixel centre."""
+        dense = torch.full((self.num_pixels,), -1, dtype=torch.int64, device=self.pixels.device)
+        dense[self.pixels] = self.triangles
+        return dense.view(self.batch, *self.resolution)
+
+    def mask(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """[B, H, W, 1]: 1 where a triangle covers the pixel centre, else 0 (no gradient)."""
+        dense = torch.zeros(self.num_pixels, dtype=dtype, device=self.pixels.device)
+        dense[self.pixels] = 1
+        return dense.view(self.batch, *self.resolution, 1)
+
+    def dense_depth(self) -> torch.Tensor:
+        """float [B, H, W]: z/w of the visible surface, +inf where empty (no gradient)."""
+        dense = torch.full((self.num_pixels,), float("inf"), dtype=self.depth.dtype, device=self.pixels.device)
+        dense[self.pixels] = self.depth
+        return dense.view(self.batch, *self.resolution)
+
+    def dense_bary(self) -> torch.Tensor:
+        """float [B, H, W, 3]: barycentrics (zero where empty); differentiable."""
+        dense = self.bary.new_zeros(3, self.num_pixels).index_copy(1, self.pixels, self.bary)
+        return dense.t().reshape(self.batch, *self.resolution, 3)
+
+
+def check_mesh_inputs(clip_verts: torch.Tensor, faces: torch.Tensor) -> None:
+    """Shared argument checks for primitives that take clip-space vertices and faces."""
+    if not isinstance(clip_verts, torch.Tensor) or not clip_verts.is_floating_point():
+        raise TypeError(f"clip_verts: expected a float tensor [B, V, 4], got {type(clip_verts).__name__}"
+                        f"{'' if not isinstance(clip_verts, torch.Tensor) else ' of dtype ' + str(clip_verts.dtype)}")
+    if clip_verts.ndim != 3 or clip_verts.shape[-1] != 4:
+        raise ValueError(f"clip_verts: expected shape [B, V, 4], got {list(clip_verts.shape)}")
+    if not isinstance(faces, torch.Tensor) or faces.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"faces: expected an int32/int64 tensor [F, 3], got {getattr(faces, 'dtype', type(faces).__name__)}")
+    if faces.ndim != 2 or faces.shape[1] != 3:
+        raise ValueError(f"faces: expected shape [F, 3], got {list(faces.shape)}")
+    if faces.device != clip_verts.device:
+        raise ValueError(f"faces on {faces.device} but clip_verts on {clip_verts.device}; put both on one device")
+    num_vertices = clip_verts.shape[1]
+    if faces.numel() and (int(faces.min()) < 0 or int(faces.max()) >= num_vertices):
+        raise ValueError(f"faces: indices must lie in [0, {num_vertices}), got range "
+                         f"[{int(faces.min())}, {int(faces.max())}]")
+    if not torch.isfinite(clip_verts).all():
+        raise ValueError("clip_verts contains NaN or inf")
+
+
+def _check_resolution(resolution: int | tuple[int, int]) -> tuple[int, int]:
+    if isinstance(resolution, int):
+        resolution = (resolution, resolution)
+    if (len(resolution) != 2 or not all(isinstance(r, int) for r in resolution)
+            or not all(0 < r <= 8192 for r in resolution)):
+        raise ValueError(f"resolution: expected an int or (height, width) in 1..8192, got {resolution!r}")
+    return int(resolution[0]), int(resolution[1])
+
+
+def rasterize(clip_verts: torch.Tensor, faces: torch.Tensor, resolution: int | tuple[int, int]) -> Rasterization:
+    """Rasterize triangles into a batch of images.
+
+    clip_verts  float32/64 [B, V, 4]  clip-space positions (any device); gradients flow to them
+                                      through `Rasterization.bary` only
+    faces       int32/64 [F, 3]       vertex indices, shared by the whole batch
+    resolution  int or (H, W)
+
+    Triangles are clipped against the near plane (z >= -w), so parts behind the camera never
+    show; fragments beyond the far plane (z > w) are dropped. Degenerate triangles cover no
+    pixel. Visibility (which triangle, depth) carries no gradient: moving a silhouette is
+    `antialias`'s job.
+    """
+    check_mesh_inputs(clip_verts, faces)
+    height, width = _check_resolution(resolution)
+    batch, num_vertices = clip_verts.shape[:2]
+    faces = faces.to(torch.int64)
+    with torch.no_grad():
+        screen, tri_batch, tri_face = _screen_triangles(clip_verts.detach(), faces, height, width)
+        pixels, triangles, depth = _zbuffer(screen, tri_batch, tri_face, batch, height, width)
+    bary = _barycentrics(clip_verts, faces, pixels, triangles, height, width)
+    return Rasterization((height, width), batch, pixels, triangles, bary, depth)
+
+
+def _to_screen(clip: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """clip [..., 4] -> [3, ...]: pixel-unit x (right), pixel-unit y (down), NDC depth z/w."""
+    x, y, z, w = clip.unbind(-1)
+    return torch.stack([(x / w + 1) * (0.5 * width), (1 - y / w) * (0.5 * height), z / w])
+
+
+def _screen_triangles(clip_verts: torch.Tensor, faces: torch.Tensor, height: int, width: int):
+    """Screen-space corners of all triangles in front of the near plane (z >= -w).
+
+    -> screen [3 (x, y, z), 3 (corner), N], batch [N], face [N].
+    Vertices are projected once and shared, so triangles that share an edge see identical
+    corner coordinates. Triangles crossing the near plane are clipped into new triangles.
+    """
+    batch, num_vertices = clip_verts.shape[:2]
+    num_faces = faces.shape[0]
+    device = clip_verts.device
+    flat = clip_verts.reshape(batch * num_vertices, 4)
+    corner = (faces.t()[:, None, :] + (torch.arange(batch, device=device) * num_vertices)[None, :, None])
+    corner = corner.reshape(3, batch * num_faces)                                   # [3, B*F]
+    tri_batch = torch.arange(batch, device=device).repeat_interleave(num_faces)
+    tri_face = torch.arange(num_faces, device=device).repeat(batch)
+
+    near_dist = flat[:, 2] + flat[:, 3]                      # >= 0: in front of the near plane
+    vertex_screen = _to_screen(flat, height, width)          # [3, B*V]; garbage where behind
+    screen = vertex_screen[:, corner]                        # [3, 3, B*F]
+    num_behind = (near_dist[corner] < 0).sum(0)
+    if bool((num_behind == 0).all()):
+        return screen, tri_batch, tri_face
+    keep = torch.nonzero(num_behind == 0).squeeze(1)
+    crossing = torch.nonzero((num_behind == 1) | (num_behind == 2)).squeeze(1)
+    tri_clip = flat[corner[:, crossing].t()]                 # [M, 3, 4]
+    clipped, parent = _clip_near(tri_clip, tri_clip[..., 2] + tri_clip[..., 3])
+    parent = crossing[parent]
+    clipped_screen = _to_screen(clipped, height, width).permute(0, 2, 1)          # [3, 3, M']
+    return (torch.cat([screen[:, :, keep], clipped_screen], 2),
+            torch.cat([tri_batch[keep], tri_batch[parent]]), torch.cat([tri_face[keep], tri_face[parent]]))
+
+
+def _clip_near(tri: torch.Tensor, dist: torch.Tensor):
+    """Clip triangles [M, 3, 4] with one or two vertices behind the near plane (dist < 0).
+
+    One vertex behind gives a quad (two triangles), two behind give one smaller triangle.
+    Vertex order is rotated cyclically, so winding (and facing) is preserved.
+    -> triangles [M', 3, 4], index of the source triangle [M'].
+    """
+    behind = dist < 0
+    one = behind.sum(1) == 1
+    # rotate so that the odd vertex out (the lone behind / lone in-front vertex) comes first
+    odd = torch.where(one[:, None], behind, ~behind).to(torch.int64).argmax(1)
+    order = (odd[:, None] + torch.arange(3, device=tri.device)) % 3
+    tri = torch.gather(tri, 1, order[:, :, None].expand(-1, -1, 4))
+    dist = torch.gather(dist, 1, order)
+    v0, v1, v2 = tri[:, 0], tri[:, 1], tri[:, 2]
+    p01 = v0 + (dist[:, :1] / (dist[:, :1] - dist[:, 1:2])) * (v1 - v0)
+    p02 = v0 + (dist[:, :1] / (dist[:, :1] - dist[:, 2:3])) * (v2 - v0)
+    index = torch.arange(tri.shape[0], device=tri.device)
+    quad_a = torch.stack([p01, v1, v2], 1)[one]
+    quad_b = torch.stack([p01, v2, p02], 1)[one]
+    small = torch.stack([v0, p01, p02], 1)[~one]
+    return (torch.cat([quad_a, quad_b, small]),
+            torch.cat([index[one], index[one], index[~one]]))
+
+
+def _zbuffer(screen, tri_batch, tri_face, batch, height, width):
+    """Scanline visibility over screen triangles [3, 3, N]. -> pixels [P], faces [P], depth [P]."""
+    device, dtype = screen.device, screen.dtype
+    sx, sy, sz = screen[0], screen[1], screen[2]              # each [3 corners, N]
+    # z/w is affine in screen space: z = z0 + gx (x - x0) + gy (y - y0)
+    ex1, ey1, ez1 = sx[1] - sx[0], sy[1] - sy[0], sz[1] - sz[0]
+    ex2, ey2, ez2 = sx[2] - sx[0], sy[2] - sy[0], sz[2] - sz[0]
+    area = ex1 * ey2 - ex2 * ey1
+    # degenerate or off-screen triangles (and w <= 0 from exotic matrices) get no rows
+    live = (area != 0) & torch.isfinite(area) & (sx.max(0).values >= 0) & (sx.min(0).values <= width)
+    safe_area = torch.where(live, area, torch.ones_like(area))
+    gx = (ez1 * ey2 - ez2 * ey1) / safe_area
+    gy = (ex1 * ez2 - ex2 * ez1) / safe_area
+
+    # sort corners by y: top (t), middle (m), bottom (b)
+    sy_sorted, order = sy.sort(0)
+    yt, ym, yb = sy_sorted
+    xt, xm, xb = torch.gather(sx, 0, order)
+
+    # rows whose centre y = j + 0.5 lies in [yt, yb)
+    row_start = torch.ceil(yt - 0.5).clamp(0, height).to(torch.int64)
+    row_end = torch.ceil(yb - 0.5).clamp(0, height).to(torch.int64)
+    rows_per_tri = torch.where(live, row_end - row_start, 0).clamp_min(0)
+    span_tri, row_offset = _expand(rows_per_tri)
+    row = row_start.index_select(0, span_tri) + row_offset
+    y = row.to(dtype) + 0.5
+
+    # x where the row meets the long edge (t->b) and the short edge (t->m above ym, m->b below).
+    # Each edge is evaluated from its upper endpoint with the same expression in every
+    # triangle that shares it, so neighbours agree bit for bit and no pixel falls between.
+    def at_span(t: torch.Tensor) -> torch.Tensor:
+        return t.index_select(0, span_tri)
+
+    def edge_x(xa, ya, xc, yc):
+        return xa + (y - ya) * ((xc - xa) / (yc - ya))
+
+    yt_s, ym_s, yb_s, xt_s, xm_s, xb_s = map(at_span, (yt, ym, yb, xt, xm, xb))
+    x_long = edge_x(xt_s, yt_s, xb_s, yb_s)
+    x_short = torch.where(y < ym_s, edge_x(xt_s, yt_s, xm_s, ym_s), edge_x(xm_s, ym_s, xb_s, yb_s))
+    col_start = torch.ceil(torch.minimum(x_long, x_short) - 0.5).clamp(0, width).to(torch.int64)
+    col_end = torch.ceil(torch.maximum(x_long, x_short) - 0.5).clamp(0, width).to(torch.int64)
+
+    # depth at the first pixel of each span, then one step of gx per pixel
+    gx_s = at_span(gx)
+    z_first = at_span(sz[0]) + gx_s * (col_start.to(dtype) + 0.5 - at_span(sx[0])) + at_span(gy) * (y - at_span(sy[0]))
+    base_pixel = at_span(tri_batch) * (height * width) + row * width + col_start
+
+    frag_span, step = _expand((col_end - col_start).clamp_min(0))
+    frag_pixel = base_pixel.index_select(0, frag_span) + step
+    frag_z = z_first.index_select(0, frag_span) + gx_s.index_select(0, frag_span) * step.to(dtype)
+    frag_face = at_span(tri_face).index_select(0, frag_span)
+
+    # nearest fragment per pixel: the key orders by depth, then by face id on exact ties
+    depth01 = ((frag_z.float() + 1) * 0.5).clamp(0, 1)
+    key = (depth01.view(torch.int32).to(torch.int64) << 32) | frag_face
+    key = torch.where((frag_z >= -1) & (frag_z <= 1), key, _EMPTY_KEY)
+    zbuf = torch.full((batch * height * width,), _EMPTY_KEY, dtype=torch.int64, device=device)
+    if key.numel():
+        zbuf.scatter_reduce_(0, frag_pixel, key, reduce="amin", include_self=True)
+    pixels = torch.nonzero(zbuf != _EMPTY_KEY).squeeze(1)
+    won = zbuf.index_select(0, pixels)
+    depth = (won >> 32).to(torch.int32).view(torch.float32).to(dtype) * 2 - 1
+    return pixels, won & _LOW32, depth
+
+
+def _expand(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run-length expansion: counts [N] -> (owner [sum], position within its run [sum])."""
+    owner = torch.repeat_interleave(torch.arange(counts.shape[0], device=counts.device), counts)
+    first = torch.cumsum(counts, 0) - counts
+    return owner, torch.arange(owner.shape[0], device=counts.device) - first.index_select(0, owner)
+
+
+def _barycentrics(clip_verts, faces, pixels, triangles, height, width):
+    """Perspective-correct barycentrics of the covered pixels, differentiable in clip_verts.
+
+    With homogeneous 2D vertices v_i = (x_i, y_i, w_i) and the pixel p = (px, py, 1) in NDC,
+    the point on the triangle seen through p is sum_i l_i v_i = w p, so l = w M^-1 p with
+    M = [v0 v1 v2]. The rows of M^-1 are the cross products c_i = v_j x v_k over det M, so
+    l_i is proportional to e_i = c_i . p and l = e / sum(e). This needs no division by w
+    and is exact for triangles that cross the near plane.
+    """
+    batch, num_vertices = clip_verts.shape[:2]
+    num_faces = faces.shape[0]
+    if pixels.numel() == 0:
+        return clip_verts.new_zeros(3, 0) + 0 * clip_verts.sum()
+    hom = clip_verts[..., (0, 1, 3)].permute(2, 0, 1).reshape(3, batch * num_vertices)   # [3, B*V]
+    corner = (faces[None] + (torch.arange(batch, device=faces.device) * num_vertices)[:, None, None])
+    corner = corner.permute(2, 0, 1).reshape(3, batch * num_faces)                       # [3, B*F]
+    v = [hom.index_select(1, corner[k]) for k in range(3)]                                # 3 x [3, B*F]
+
+    def cross(a, b):
+        return torch.stack([a[1] * b[2] - a[2] * b[1], a[2] * b[0] - a[0] * b[2], a[0] * b[1] - a[1] * b[0]])
+
+    coeff = torch.cat([cross(v[1], v[2]), cross(v[2], v[0]), cross(v[0], v[1])])          # [9, B*F]
+    pixel_batch = pixels // (height * width)
+    coeff = coeff.index_select(1, pixel_batch * num_faces + triangles).view(3, 3, -1)    # [corner, xyw, P]
+    rem = pixels % (height * width)
+    px = ((rem % width).to(clip_verts.dtype) * 2 + 1) / width - 1
+    py = 1 - ((rem // width).to(clip_verts.dtype) * 2 + 1) / height
+    e = coeff[:, 0] * px + coeff[:, 1] * py + coeff[:, 2]                                  # [3, P]
+    return e / e.sum(0, keepdim=True)
