@@ -1,0 +1,362 @@
+"""The fit service: one job at a time, from the fit request to the last applied update.
+
+Operators and headless.py call `start_fit`, `stop`, `tick` and `shutdown`; the UI timer (or the
+blocking loop under `blender -b`) calls `tick`, the only place where backend updates touch bpy
+data. Each tick applies just the newest weights and the newest texture that arrived since the
+previous one. The backend process stays up between fits (the model stays loaded) until
+`shutdown()` (Stop Backend button, add-on unregister, Blender quit, loading another file).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import bpy
+
+from . import bridge, bundle_io, scene
+from .errors import UserError
+
+log = logging.getLogger(__package__)
+
+STAGES = ("shape", "texture")
+
+
+@dataclass
+class FitInputs:
+    """Everything a fit needs besides the head: gathered from the panel or the command line."""
+
+    prompt: str
+    negative_prompt: str = ""
+    model: str = ""                 # hub id or local folder; '' = the backend's default
+    stages: tuple[str, ...] = ("shape",)
+    shape_steps: int = 200
+    texture_steps: int = 400
+    seed: int = 0
+    guidance_scale: float = 100.0
+    lr: float = 0.05
+    texture_lr: float = 0.05
+    l2_weight: float = 1e-3
+    weight_clamp: float = 3.0
+    render_size: int = 256
+    texture_size: int = 512
+    event_every: int = 5
+    texture_every: int = 20
+
+    def config(self) -> dict:
+        """The backend's FitConfig fields."""
+        return dict(
+            stages=list(self.stages), shape_steps=self.shape_steps, texture_steps=self.texture_steps, seed=self.seed,
+            guidance_scale=self.guidance_scale, lr=self.lr, texture_lr=self.texture_lr, l2_weight=self.l2_weight,
+            weight_clamp=self.weight_clamp, render_size=self.render_size, texture_size=self.texture_size,
+            event_every=self.event_every, texture_every=self.texture_every,
+        )
+
+
+def looks_like_path(model: str) -> bool:
+    """A local folder rather than a hub id ('org/name')."""
+    return (os.path.isabs(os.path.expanduser(model)) or model.startswith((".", "~"))
+            or os.path.isdir(model) or "\\" in model)
+
+
+def check_fit_inputs(inputs: FitInputs) -> None:
+    """Raise UserError naming the first input that cannot work; runs before anything starts."""
+    protocol = bridge.protocol
+    if not inputs.prompt.strip():
+        raise UserError("Prompt is empty: describe the head to fit, e.g. 'an old sailor with a big nose'")
+    if len(inputs.prompt) > protocol.MAX_PROMPT_CHARS:
+        raise UserError(f"Prompt is too long: {len(inputs.prompt)} characters, at most {protocol.MAX_PROMPT_CHARS}")
+    if not inputs.stages:
+        raise UserError("No stage selected: enable Shape, Texture or both")
+    unknown = [s for s in inputs.stages if s not in STAGES]
+    if unknown:
+        raise UserError(f"Unknown stage(s) {', '.join(unknown)}: expected {', '.join(STAGES)}")
+    if "shape" in inputs.stages and inputs.shape_steps < 1:
+        raise UserError(f"Shape steps must be at least 1, got {inputs.shape_steps}")
+    if "texture" in inputs.stages and inputs.texture_steps < 1:
+        raise UserError(f"Texture steps must be at least 1, got {inputs.texture_steps}")
+    if not 0 < inputs.weight_clamp <= scene.MAX_SLIDER:
+        raise UserError(f"Weight clamp must lie in (0, {scene.MAX_SLIDER:g}] (Blender's slider limit), "
+                        f"got {inputs.weight_clamp:g}")
+    model = inputs.model.strip()
+    if model and looks_like_path(model) and not os.path.isdir(os.path.expanduser(model)):
+        raise UserError(f"Model folder not found: {os.path.expanduser(model)} (give a local Stable Diffusion "
+                        "folder or a hub id such as 'runwayml/stable-diffusion-v1-5')")
+
+
+FAILURE_TITLES = {
+    "model_error": "Model could not be loaded",
+    "bundle_error": "Backend could not use the head",
+    "bad_request": "Backend rejected the fit",
+    "busy": "Backend is busy",
+    "internal": "Backend error during the fit",
+    "bad_message": "Backend protocol error",
+    "backend_died": "Backend failed",
+}
+
+
+def describe_failure(failure: bridge.BackendFailure) -> str:
+    return f"{FAILURE_TITLES.get(failure.kind, 'Backend error')}: {failure}"
+
+
+@dataclass
+class Status:
+    """What the panel (and headless progress lines) show."""
+
+    state: str = "idle"            # idle | starting | running | stopping | done | stopped | failed
+    message: str = ""
+    stage: str = ""
+    iteration: int = 0
+    total: int = 0
+    loss: float | None = None
+    seconds: float = 0.0
+    last_error: str = ""
+    backend: str = "not started"
+    object_name: str = ""
+    updates_applied: int = 0
+    updates_superseded: int = 0    # progress/texture events skipped because a newer one was there
+    textures_applied: int = 0
+    apply_ms: float = 0.0          # main-thread time of the last tick that applied something
+    stop_latency: float | None = None
+    outputs: dict = field(default_factory=dict)
+
+    @property
+    def progress(self) -> float:
+        return min(1.0, self.iteration / self.total) if self.total else 0.0
+
+
+@dataclass
+class Job:
+    id: str
+    object_name: str
+    names: list[str]
+    indices: list[int]
+    image_name: str
+    job_dir: Path
+    stages: tuple[str, ...]
+    started_at: float
+    stop_requested_at: float | None = None
+
+
+def default_job_root() -> Path:
+    return Path(bpy.app.tempdir or tempfile.gettempdir()) / "sds-head"
+
+
+class FitController:
+    def __init__(self) -> None:
+        self.backend: bridge.Backend | None = None
+        self.job: Job | None = None
+        self.status = Status()
+        self.listeners: list[Callable[[Status], None]] = []
+
+    # ------------------------------------------------------------------ state
+    @property
+    def busy(self) -> bool:
+        return self.job is not None
+
+    def publish(self) -> None:
+        if self.backend is not None:
+            self.status.backend = self.backend.describe()
+        for listener in list(self.listeners):
+            try:
+                listener(self.status)
+            except Exception:  # a broken listener must not break the fit
+                log.exception("status listener failed")
+
+    def record_error(self, text: str) -> None:
+        self.status.last_error = text
+        self.publish()
+
+    # ------------------------------------------------------------------ start
+    def ensure_backend(self, settings: bridge.BackendSettings) -> bridge.Backend:
+        """The running backend when it was started with these settings, else a new one."""
+        backend = self.backend
+        if backend is not None and backend.alive and backend.settings == settings:
+            return backend
+        if backend is not None:
+            backend.close()
+        self.backend = bridge.Backend(settings)
+        try:
+            self.backend.start()
+        except bridge.ConfigError as exc:
+            self.backend = None
+            raise UserError(str(exc)) from None
+        return self.backend
+
+    def start_fit(self, obj, inputs: FitInputs, settings: bridge.BackendSettings,
+                  job_root: str | Path | None = None) -> str:
+        """Check everything, snapshot the head, send the fit; returns the job id. Never blocks on the backend."""
+        if self.busy:
+            raise UserError("A fit is already running: stop it first")
+        check_fit_inputs(inputs)
+        scene.check_head(obj)
+        try:
+            bridge.check_settings(settings)
+        except bridge.ConfigError as exc:
+            raise UserError(str(exc)) from None
+        names = scene.component_names(obj)
+        indices = scene.key_indices(obj, names)
+        bundle = scene.bundle_from_object(obj, names)
+        if "texture" in inputs.stages and not bundle.meta.get("has_uv"):
+            raise UserError(f"Mesh '{obj.name}' has no UV map: the texture stage needs one (UV > Unwrap)")
+
+        root = Path(job_root) if job_root else default_job_root()
+        root.mkdir(parents=True, exist_ok=True)
+        job_dir = Path(tempfile.mkdtemp(prefix="job-", dir=root))
+        bundle_path = bundle_io.save(bundle, job_dir / "head.npz")
+        image = scene.ensure_texture_image(obj, inputs.texture_size) if "texture" in inputs.stages \
+            else scene.texture_image(obj)
+        initial = scene.read_weights(obj, names)
+        scene.take_snapshot(obj, names)
+
+        self.status = Status(state="starting", message="starting the backend", object_name=obj.name,
+                             last_error="", total=0)
+        backend = self.ensure_backend(settings)
+        request = bridge.FitRequest(
+            prompt=inputs.prompt.strip(), negative_prompt=inputs.negative_prompt.strip(),
+            model=inputs.model.strip() or None, bundle=str(bundle_path), initial_weights=initial,
+            config=inputs.config(), job_dir=str(job_dir))
+        try:
+            job_id = backend.submit(request)
+        except bridge.BackendFailure as failure:
+            backend.close(timeout=1.0)
+            failure.stderr_tail = backend.stderr_tail()
+            self._finish_failed(failure)
+            raise UserError(describe_failure(failure)) from None
+        self.job = Job(id=job_id, object_name=obj.name, names=names, indices=indices,
+                       image_name=image.name if image is not None else "", job_dir=job_dir,
+                       stages=tuple(inputs.stages), started_at=time.monotonic())
+        self.status.message = "loading the model" if backend.hello else "starting the backend"
+        self.publish()
+        return job_id
+
+    # ------------------------------------------------------------------ run
+    def stop(self) -> None:
+        """Ask the fit to end after its current iteration; it keeps the current result."""
+        if self.job is None or self.backend is None:
+            return
+        if self.job.stop_requested_at is None:
+            self.job.stop_requested_at = time.monotonic()
+            self.backend.stop_job()
+            self.status.state = "stopping"
+            self.status.message = "stopping after the current iteration"
+            self.publish()
+
+    def tick(self, wait: float = 0.0) -> bool:
+        """Apply what arrived since the last tick (blocking up to `wait` s for it). Returns busy."""
+        job, backend = self.job, self.backend
+        if job is None or backend is None:
+            return False
+        update = backend.wait(wait) if wait > 0 else backend.poll()
+        if update is None:  # the backend forgot the job: only after close() from elsewhere
+            self._finish_failed(bridge.BackendFailure("backend_died", "Backend was closed during the fit"))
+            return False
+        if not update.empty:
+            started = time.perf_counter()
+            try:
+                self._apply(job, update)
+            except UserError as exc:
+                backend.stop_job()
+                self.job = None
+                self._set_failed(f"{exc}; the fit was stopped")
+                return False
+            self.status.apply_ms = (time.perf_counter() - started) * 1000.0
+        if update.failure is not None:
+            self._finish_failed(update.failure)
+        elif update.done is not None:
+            self._finish_done(job, update.done)
+        elif backend.hello is not None and self.status.state == "starting":
+            self.status.state, self.status.message = "running", "loading the model"
+        self.publish()
+        return self.busy
+
+    def _head(self, job: Job):
+        obj = bpy.data.objects.get(job.object_name)
+        if obj is None or obj.type != "MESH" or obj.data.shape_keys is None:
+            raise UserError(f"The head '{job.object_name}' was deleted or lost its shape keys during the fit")
+        return obj
+
+    def _apply_weights(self, job: Job, obj, weights: list[float]) -> None:
+        if len(weights) != len(job.indices):
+            raise UserError(f"Backend sent {len(weights)} weights for {len(job.indices)} shape keys")
+        scene.apply_weights(obj, job.indices, weights)
+
+    def _apply_texture(self, job: Job, path: str) -> None:
+        image = bpy.data.images.get(job.image_name) if job.image_name else None
+        if image is None:
+            raise UserError(f"The texture image '{job.image_name}' was deleted during the fit")
+        scene.apply_texture_file(image, path)
+        self.status.textures_applied += 1
+
+    def _apply(self, job: Job, update: bridge.JobUpdate) -> None:
+        status = self.status
+        status.updates_superseded += update.superseded
+        if update.progress is not None or update.texture is not None or update.done is not None:
+            obj = self._head(job)
+        if update.progress is not None:
+            p = update.progress
+            self._apply_weights(job, obj, p["weights"])
+            status.stage, status.iteration, status.total = p["stage"], p["iteration"], p["total"]
+            status.loss, status.seconds = p["loss"], p["seconds"]
+            status.updates_applied += 1
+            if status.state in ("starting", "running"):
+                status.state = "running"
+                status.message = f"{p['stage']} {p['iteration']}/{p['total']}"
+        if update.texture is not None and update.done is None:
+            self._apply_texture(job, update.texture["path"])
+        if update.done is not None:
+            done = update.done
+            if done["weights"]:
+                self._apply_weights(job, obj, done["weights"])
+            final_texture = done["outputs"].get("texture")
+            if "texture" in job.stages and final_texture and os.path.isfile(final_texture):
+                self._apply_texture(job, final_texture)
+            elif update.texture is not None:
+                self._apply_texture(job, update.texture["path"])
+
+    def _finish_done(self, job: Job, done: dict) -> None:
+        status = self.status
+        status.outputs = dict(done["outputs"])
+        status.seconds = done["seconds"]
+        if done["stopped"]:
+            status.state = "stopped"
+            if job.stop_requested_at is not None:
+                status.stop_latency = time.monotonic() - job.stop_requested_at
+            status.message = f"stopped after {done['iterations']} iterations; the current result is kept"
+        else:
+            status.state = "done"
+            status.iteration = status.total = max(status.total, done["iterations"])
+            status.message = f"done: {done['iterations']} iterations in {done['seconds']:.1f} s"
+        self.job = None
+
+    def _finish_failed(self, failure: bridge.BackendFailure) -> None:
+        self.job = None
+        self._set_failed(describe_failure(failure))
+
+    def _set_failed(self, text: str) -> None:
+        self.status.state = "failed"
+        self.status.message = "failed: the scene keeps the last good state; Reset restores the weights from before the fit"
+        self.status.last_error = text
+        log.error("%s", text)
+        self.publish()
+
+    # ------------------------------------------------------------------ end
+    def shutdown(self, reason: str = "") -> None:
+        """End the job and the backend process (unregister, quit, file load, Stop Backend)."""
+        backend, job = self.backend, self.job
+        self.job = None
+        self.backend = None
+        if backend is not None:
+            backend.close()
+        if job is not None:
+            self.status.state = "stopped"
+            self.status.message = f"fit ended: {reason}" if reason else "fit ended"
+        self.status.backend = "not started"
+        self.publish()
+
+
+CONTROLLER = FitController()

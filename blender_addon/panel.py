@@ -1,0 +1,139 @@
+"""Sidebar panel "SDS Head" in the 3D viewport (N panel). Draws properties and status; no logic."""
+from __future__ import annotations
+
+import textwrap
+
+import bpy
+
+from . import controller, scene
+
+CONTROLLER = controller.CONTROLLER
+
+
+def _wrapped(layout, text: str, width: int, icon: str = "NONE", max_lines: int = 14) -> None:
+    lines: list[str] = []
+    for paragraph in text.splitlines():
+        lines.extend(textwrap.wrap(paragraph, width) or [""])
+    if len(lines) > max_lines:
+        lines = lines[:max_lines - 1] + ["..."]
+    column = layout.column(align=True)
+    column.scale_y = 0.8
+    for i, line in enumerate(lines):
+        column.label(text=line, icon=icon if i == 0 else "BLANK1")
+
+
+def _chars(context) -> int:
+    region = context.region
+    width = region.width if region is not None else 300
+    return max(20, int(width / (6.5 * context.preferences.system.ui_scale)) - 4)
+
+
+class SDSHEAD_PT_main(bpy.types.Panel):
+    bl_idname = "SDSHEAD_PT_main"
+    bl_label = "SDS Head"
+    bl_space_type = "VIEW_3D"
+    bl_region_type = "UI"
+    bl_category = "SDS Head"
+
+    def draw(self, context):
+        layout = self.layout
+        settings = context.scene.sdshead
+        status = context.window_manager.sdshead_status
+        busy = CONTROLLER.busy
+
+        # head
+        box = layout.box()
+        obj = context.active_object
+        if obj is not None and obj.type == "MESH" and obj.data.shape_keys is not None:
+            names = scene.component_names(obj) if len(obj.data.shape_keys.key_blocks) > 1 else []
+            box.label(text=f"{obj.name}: {len(names)} shape keys", icon="MESH_MONKEY")
+        elif obj is not None and obj.type == "MESH":
+            box.label(text=f"{obj.name}: no shape keys", icon="ERROR")
+        else:
+            box.label(text="Select a head mesh, or:", icon="INFO")
+        box.operator("sdshead.create_head", icon="ADD")
+
+        # prompt + main settings
+        column = layout.column()
+        column.enabled = not busy
+        column.prop(settings, "prompt", text="", icon="TEXT")
+        column.prop(settings, "negative_prompt", text="Negative")
+        row = column.row(align=True)
+        row.prop(settings, "stage_shape", toggle=True)
+        row.prop(settings, "stage_texture", toggle=True)
+        grid = column.grid_flow(columns=2, align=True)
+        grid.prop(settings, "shape_steps")
+        grid.prop(settings, "texture_steps")
+        grid.prop(settings, "seed")
+        grid.prop(settings, "guidance_scale")
+        grid.prop(settings, "lr")
+        grid.prop(settings, "l2_weight")
+
+        # run
+        row = layout.row(align=True)
+        row.scale_y = 1.4
+        row.operator("sdshead.fit", icon="PLAY")
+        row.operator("sdshead.stop", icon="PAUSE" if busy else "SNAP_FACE")
+        row.operator("sdshead.reset", icon="LOOP_BACK")
+
+        # progress
+        col = layout.column(align=True)
+        state = status.state
+        if state != "idle":
+            label = status.message or state
+            if status.loss:
+                label += f"  loss {status.loss}"
+            col.label(text=label, icon={"failed": "ERROR", "done": "CHECKMARK"}.get(state, "SORTTIME"))
+        if hasattr(col, "progress"):  # Blender 4.0+
+            col.progress(factor=status.progress, type="BAR",
+                         text=f"{status.stage} {status.iteration} / {status.total}" if status.total else "")
+        else:
+            sub = col.row()
+            sub.enabled = False
+            sub.prop(status, "progress", text=f"{status.stage} {status.iteration}/{status.total}"
+                     if status.total else "Progress", slider=True)
+        row = col.row()
+        row.label(text=f"Backend: {status.backend}", icon="CONSOLE")
+        row.operator("sdshead.stop_backend", text="", icon="CANCEL")
+
+        if status.last_error:
+            box = layout.box()
+            header = box.row()
+            header.label(text="Last error", icon="ERROR")
+            header.operator("sdshead.clear_error", text="", icon="X", emboss=False)
+            _wrapped(box, status.last_error, _chars(context))
+
+        # export
+        row = layout.row(align=True)
+        row.operator("sdshead.export_fbx", text="FBX", icon="EXPORT")
+        row.operator("sdshead.export_gltf", text="glTF", icon="EXPORT")
+
+
+class SDSHEAD_PT_advanced(bpy.types.Panel):
+    bl_label = "Advanced"
+    bl_space_type = "VIEW_3D"
+    bl_region_type = "UI"
+    bl_category = "SDS Head"
+    bl_parent_id = "SDSHEAD_PT_main"
+    bl_options = {"DEFAULT_CLOSED"}
+
+    def draw(self, context):
+        settings = context.scene.sdshead
+        layout = self.layout
+        layout.enabled = not CONTROLLER.busy
+        layout.use_property_split = True
+        for name in ("texture_lr", "weight_clamp", "render_size", "texture_size", "event_every", "texture_every"):
+            layout.prop(settings, name)
+
+
+CLASSES = (SDSHEAD_PT_main, SDSHEAD_PT_advanced)
+
+
+def register() -> None:
+    for cls in CLASSES:
+        bpy.utils.register_class(cls)
+
+
+def unregister() -> None:
+    for cls in reversed(CLASSES):
+        bpy.utils.unregister_class(cls)

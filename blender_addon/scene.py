@@ -1,0 +1,499 @@
+"""Blender data services (bpy + numpy, no UI): head mesh <-> bundle, weights, texture, snapshots, export.
+
+A head is a mesh object whose shape keys are the model: the reference key ("Basis") is the mean,
+each component is one relative key named as in the bundle. The names of the component keys are
+kept on the object (`sdshead_components`), so expression keys that Create default head adds are
+not fitted; for any other mesh every non-reference key is a component.
+
+Everything here runs on the main thread. Functions that take an object name look it up each time,
+so a tick never holds a stale reference after undo or a file load.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import bpy
+
+from . import bundle_io
+from .errors import UserError
+
+PROP_COMPONENTS = "sdshead_components"   # object custom property: JSON list of component key names
+PROP_SNAPSHOT = "sdshead_prefit"         # object custom property: weights + texture backup before the fit
+TEXTURE_NODE = "SDSHead Texture"         # the image node whose image is the fitted texture
+HEAD_NAME = "SDS Head"
+DEFAULT_SLIDER = 5.0                     # +-5 sigma: wider than the fit's default clamp of 3
+MAX_SLIDER = 10.0                        # Blender's hard limit for ShapeKey.slider_min/max
+SKIN = (0.80, 0.62, 0.52, 1.0)
+
+
+def _np():
+    return bundle_io._np()
+
+
+# ---------------------------------------------------------------------------- build from a bundle
+def _polygons_and_loop_uvs(bundle: bundle_io.Bundle):
+    """Polygons for Blender and, per loop, the index into bundle.uv.
+
+    Quads come from `polygons` when every corner's UV can be found on one of the triangles that
+    split it; otherwise the triangles themselves are used.
+    """
+    np = _np()
+    faces = bundle.faces.tolist()
+    uv_faces = bundle.uv_faces.tolist()
+    if bundle.polygons is not None:
+        by_corners = {frozenset(tri): row for row, tri in enumerate(faces)}
+        polygons, loop_uv = [], []
+        for poly in bundle.polygons.tolist():
+            verts = [v for v in poly if v >= 0]
+            if len(verts) == 3:
+                candidates = [verts]
+            else:
+                a, b, c, d = verts
+                candidates = [(a, b, c), (a, c, d), (a, b, d), (b, c, d)]
+            corner_uv: dict[int, int] = {}
+            for tri in candidates:
+                row = by_corners.get(frozenset(tri))
+                if row is not None:
+                    for vertex, uv_index in zip(faces[row], uv_faces[row]):
+                        corner_uv.setdefault(vertex, uv_index)
+            if any(v not in corner_uv for v in verts):
+                break
+            polygons.append(verts)
+            loop_uv.extend(corner_uv[v] for v in verts)
+        else:
+            return polygons, np.asarray(loop_uv, dtype=np.int64)
+    return faces, np.asarray(uv_faces, dtype=np.int64).reshape(-1)
+
+
+def _check_key_name(name: str) -> None:
+    if len(name.encode("utf-8")) > 63:
+        raise UserError(f"shape-key name {name!r} is longer than Blender's 63-byte limit")
+
+
+def build_head(bundle: bundle_io.Bundle, *, name: str = HEAD_NAME, collection=None,
+               texture_size: int = 1024, slider: float = DEFAULT_SLIDER):
+    """A new mesh object: basis + one key per component (+ expressions), UVs, material with an image."""
+    np = _np()
+    for key_name in list(bundle.names) + list(bundle.expr_names):
+        _check_key_name(key_name)
+    mean = bundle_io.to_blender(bundle.mean)
+    polygons, loop_uv = _polygons_and_loop_uvs(bundle)
+
+    mesh = bpy.data.meshes.new(name)
+    mesh.from_pydata(mean.tolist(), [], polygons)
+    uv_layer = mesh.uv_layers.new(name="UVMap")
+    uv_layer.data.foreach_set("uv", np.ascontiguousarray(bundle.uv[loop_uv], dtype=np.float32).ravel())
+    mesh.polygons.foreach_set("use_smooth", np.ones(len(mesh.polygons), dtype=bool))
+    mesh.update()
+
+    obj = bpy.data.objects.new(name, mesh)
+    (collection or bpy.context.scene.collection).objects.link(obj)
+    obj.shape_key_add(name="Basis", from_mix=False)
+    for k, key_name in enumerate(bundle.names):
+        kb = obj.shape_key_add(name=key_name, from_mix=False)
+        kb.data.foreach_set("co", bundle_io.to_blender(bundle.mean + bundle.basis[k]).ravel())
+        kb.slider_min, kb.slider_max = -slider, slider
+        kb.value = 0.0
+    if bundle.expr_basis is not None:
+        for e, key_name in enumerate(bundle.expr_names):
+            kb = obj.shape_key_add(name=key_name, from_mix=False)
+            kb.data.foreach_set("co", bundle_io.to_blender(bundle.mean + bundle.expr_basis[e]).ravel())
+            kb.value = 0.0
+    obj[PROP_COMPONENTS] = json.dumps(list(bundle.names))
+
+    image = bpy.data.images.new(f"{name} Texture", texture_size, texture_size, alpha=False)
+    image.generated_color = SKIN
+    material = bpy.data.materials.new(name)
+    _connect_texture(material, image)
+    mesh.materials.append(material)
+    return obj
+
+
+def _connect_texture(material, image) -> bool:
+    """Add the texture node to `material`; link it to Base Color when that input is free."""
+    if not material.use_nodes:
+        material.use_nodes = True
+    tree = material.node_tree
+    bsdf = next((n for n in tree.nodes if n.type == "BSDF_PRINCIPLED"), None)
+    if bsdf is None:
+        bsdf = tree.nodes.new("ShaderNodeBsdfPrincipled")
+        output = next((n for n in tree.nodes if n.type == "OUTPUT_MATERIAL"), None) or \
+            tree.nodes.new("ShaderNodeOutputMaterial")
+        tree.links.new(bsdf.outputs[0], output.inputs["Surface"])
+    node = tree.nodes.new("ShaderNodeTexImage")
+    node.name = node.label = TEXTURE_NODE
+    node.image = image
+    node.location = (bsdf.location.x - 320, bsdf.location.y)
+    base_color = bsdf.inputs["Base Color"]
+    if base_color.is_linked:
+        return False
+    tree.links.new(node.outputs["Color"], base_color)
+    return True
+
+
+# ---------------------------------------------------------------------------- heads in the scene
+def check_head(obj) -> None:
+    """Raise UserError unless `obj` is a mesh with shape keys beyond the basis."""
+    if obj is None:
+        raise UserError("No active object: select a head mesh with shape keys, or use Create Default Head")
+    if obj.type != "MESH":
+        raise UserError(f"Active object '{obj.name}' is a {obj.type.lower()}, not a mesh: select a head mesh "
+                        "with shape keys, or use Create Default Head")
+    keys = obj.data.shape_keys
+    if keys is None or len(keys.key_blocks) == 0:
+        raise UserError(f"Active mesh '{obj.name}' has no shape keys: use Create Default Head, or give it a "
+                        "Basis key plus one key per shape component")
+    if len(keys.key_blocks) < 2:
+        raise UserError(f"Active mesh '{obj.name}' has only the '{keys.key_blocks[0].name}' key: add at least one "
+                        "shape key to fit")
+    if not keys.use_relative:
+        raise UserError(f"Active mesh '{obj.name}' uses absolute shape keys: switch them to relative")
+    if len(obj.data.vertices) < 3 or len(obj.data.polygons) == 0:
+        raise UserError(f"Active mesh '{obj.name}' has no faces")
+
+
+def component_names(obj) -> list[str]:
+    """Names of the keys the fit drives, in the model's order."""
+    keys = obj.data.shape_keys
+    blocks = keys.key_blocks
+    stored = obj.get(PROP_COMPONENTS)
+    if isinstance(stored, str):
+        try:
+            names = json.loads(stored)
+        except json.JSONDecodeError:
+            names = None
+        if isinstance(names, list) and names and all(isinstance(n, str) and n in blocks for n in names):
+            return names
+    reference = keys.reference_key.name
+    return [kb.name for kb in blocks if kb.name != reference]
+
+
+def key_indices(obj, names: list[str]) -> list[int]:
+    blocks = obj.data.shape_keys.key_blocks
+    index = {kb.name: i for i, kb in enumerate(blocks)}
+    missing = [n for n in names if n not in index]
+    if missing:
+        raise UserError(f"'{obj.name}' lost shape key(s) {', '.join(missing[:5])} during the fit")
+    return [index[n] for n in names]
+
+
+def read_weights(obj, names: list[str]) -> list[float]:
+    blocks = obj.data.shape_keys.key_blocks
+    return [blocks[i].value for i in key_indices(obj, names)]
+
+
+def _key_cos(kb, count: int):
+    np = _np()
+    co = np.empty(count * 3, dtype=np.float32)
+    kb.data.foreach_get("co", co)
+    return co.reshape(count, 3)
+
+
+def bundle_from_object(obj, names: list[str]) -> bundle_io.Bundle:
+    """The object's shape keys as a bundle: mean = reference key plus the current mix of the keys that
+    are not components (expressions stay as the user set them), one basis row per component."""
+    np = _np()
+    mesh = obj.data
+    count = len(mesh.vertices)
+    blocks = mesh.shape_keys.key_blocks
+    reference = mesh.shape_keys.reference_key
+    cache: dict[str, object] = {}
+
+    def cos(kb):
+        if kb.name not in cache:
+            cache[kb.name] = _key_cos(kb, count)
+        return cache[kb.name]
+
+    def delta(kb):
+        d = cos(kb) - cos(kb.relative_key)
+        if kb.vertex_group:
+            group = obj.vertex_groups.get(kb.vertex_group)
+            if group is not None:
+                weights = np.zeros(count, dtype=np.float32)
+                for v in mesh.vertices:
+                    for g in v.groups:
+                        if g.group == group.index:
+                            weights[v.index] = g.weight
+                d = d * weights[:, None]
+        return d
+
+    component_set = set(names)
+    mean = cos(reference).copy()
+    for kb in blocks:
+        if kb.name in component_set or kb == reference or kb.mute or kb.value == 0.0:
+            continue
+        mean += kb.value * delta(kb)
+    basis = np.stack([delta(blocks[n]) for n in names]).astype(np.float32)
+
+    mesh.calc_loop_triangles()
+    tri_count = len(mesh.loop_triangles)
+    faces = np.empty(tri_count * 3, dtype=np.int32)
+    mesh.loop_triangles.foreach_get("vertices", faces)
+    faces = faces.reshape(-1, 3)
+    uv_layer = mesh.uv_layers.active
+    if uv_layer is None:
+        uv = np.zeros((1, 2), dtype=np.float32)
+        uv_faces = np.zeros_like(faces)
+    else:
+        loops = np.empty(tri_count * 3, dtype=np.int32)
+        mesh.loop_triangles.foreach_get("loops", loops)
+        loop_uv = np.empty(len(mesh.loops) * 2, dtype=np.float32)
+        uv_layer.data.foreach_get("uv", loop_uv)
+        loop_uv = loop_uv.reshape(-1, 2)
+        outside = (loop_uv < 0.0) | (loop_uv > 1.0)
+        loop_uv = np.where(outside, loop_uv - np.floor(loop_uv), loop_uv)   # tiles wrap into [0, 1)
+        uv, inverse = np.unique(loop_uv, axis=0, return_inverse=True)
+        uv_faces = inverse.reshape(-1)[loops].reshape(-1, 3).astype(np.int32)
+    bundle = bundle_io.Bundle(
+        mean=bundle_io.from_blender(mean), basis=bundle_io.from_blender(basis), names=list(names),
+        faces=faces, uv=uv.astype(np.float32), uv_faces=uv_faces,
+        meta={"source": "blender", "object": obj.name, "has_uv": uv_layer is not None},
+    )
+    bundle.validate(f"shape keys of '{obj.name}'")
+    return bundle
+
+
+# ---------------------------------------------------------------------------- weights
+def apply_weights(obj, indices: list[int], weights) -> None:
+    """Set the component keys' values; widen a slider when a value falls outside it."""
+    blocks = obj.data.shape_keys.key_blocks
+    for i, w in zip(indices, weights):
+        kb = blocks[i]
+        if w > kb.slider_max:
+            kb.slider_max = min(MAX_SLIDER, float(math.ceil(w)))
+        elif w < kb.slider_min:
+            kb.slider_min = max(-MAX_SLIDER, float(math.floor(w)))
+        kb.value = w
+
+
+# ---------------------------------------------------------------------------- texture
+def texture_image(obj):
+    """The image of the SDS texture node in the object's materials, or None."""
+    for slot in obj.material_slots:
+        material = slot.material
+        if material is None or not material.use_nodes:
+            continue
+        node = material.node_tree.nodes.get(TEXTURE_NODE)
+        if node is not None and getattr(node, "image", None) is not None:
+            return node.image
+    return None
+
+
+def ensure_texture_image(obj, size: int):
+    """The fitted texture's image; adds a material/texture node when the object has none."""
+    image = texture_image(obj)
+    if image is not None:
+        return image
+    image = bpy.data.images.new(f"{obj.name} Texture", size, size, alpha=False)
+    image.generated_color = SKIN
+    material = obj.active_material
+    if material is None:
+        material = bpy.data.materials.new(obj.name)
+        obj.data.materials.append(material)
+    _connect_texture(material, image)
+    return image
+
+
+def read_pixels(image):
+    np = _np()
+    width, height = image.size
+    pixels = np.empty(width * height * image.channels, dtype=np.float32)
+    image.pixels.foreach_get(pixels)
+    return pixels
+
+
+def apply_texture_file(image, path: str) -> None:
+    """Copy a PNG's pixels into `image` (resized to match). The PNG's row 0 is the top (v = 1)."""
+    np = _np()
+    if not os.path.isfile(path):
+        raise UserError(f"texture file from the backend is missing: {path}")
+    loaded = bpy.data.images.load(path, check_existing=False)
+    try:
+        width, height = loaded.size
+        channels = loaded.channels
+        if width == 0 or height == 0 or channels not in (3, 4):
+            raise UserError(f"texture file from the backend cannot be read: {path}")
+        pixels = np.empty(width * height * channels, dtype=np.float32)
+        loaded.pixels.foreach_get(pixels)
+    finally:
+        bpy.data.images.remove(loaded)
+    if channels != image.channels:
+        converted = np.ones((width * height, image.channels), dtype=np.float32)
+        shared = min(channels, image.channels)
+        converted[:, :shared] = pixels.reshape(width * height, channels)[:, :shared]
+        pixels = converted.ravel()
+    if tuple(image.size) != (width, height):
+        image.scale(width, height)
+    image.pixels.foreach_set(pixels)
+    image.update()
+
+
+def set_pixels(image, pixels, size: tuple[int, int]) -> None:
+    if tuple(image.size) != tuple(size):
+        image.scale(*size)
+    image.pixels.foreach_set(pixels)
+    image.update()
+
+
+# ---------------------------------------------------------------------------- snapshot for Reset
+@dataclass
+class Snapshot:
+    weights: dict[str, float]
+    image: str          # name of the backup image ('' when the head had no texture)
+
+
+def take_snapshot(obj, names: list[str]) -> Snapshot:
+    """Store the component weights and a packed copy of the texture on the object (replaces older ones)."""
+    old = obj.get(PROP_SNAPSHOT)
+    if old is not None:
+        old_image = bpy.data.images.get(str(old.get("image", "")))
+        if old_image is not None:
+            bpy.data.images.remove(old_image)
+    weights = dict(zip(names, read_weights(obj, names)))
+    backup_name = ""
+    image = texture_image(obj)
+    if image is not None and image.has_data:
+        width, height = image.size
+        backup = bpy.data.images.new(f"{image.name} (before fit)", width, height,
+                                     alpha=image.channels == 4, float_buffer=image.is_float)
+        backup.colorspace_settings.name = image.colorspace_settings.name
+        backup.pixels.foreach_set(read_pixels(image))
+        backup.use_fake_user = True
+        _pack(backup)
+        backup_name = backup.name
+    obj[PROP_SNAPSHOT] = {"weights": weights, "image": backup_name}
+    return Snapshot(weights, backup_name)
+
+
+def has_snapshot(obj) -> bool:
+    return obj is not None and obj.get(PROP_SNAPSHOT) is not None
+
+
+def restore_snapshot(obj) -> Snapshot:
+    """Put back the weights and texture from before the last fit (exact values)."""
+    stored = obj.get(PROP_SNAPSHOT)
+    if stored is None:
+        raise UserError(f"'{obj.name}' has nothing to reset: it was not fitted in this file")
+    weights = {str(k): float(v) for k, v in stored["weights"].items()}
+    blocks = obj.data.shape_keys.key_blocks if obj.data.shape_keys else {}
+    missing = [n for n in weights if n not in blocks]
+    if missing:
+        raise UserError(f"cannot reset '{obj.name}': shape key(s) {', '.join(missing[:5])} no longer exist")
+    for name, value in weights.items():
+        kb = blocks[name]
+        kb.slider_min = min(kb.slider_min, math.floor(value))
+        kb.slider_max = max(kb.slider_max, math.ceil(value))
+        kb.value = value
+    backup_name = str(stored.get("image", ""))
+    if backup_name:
+        backup = bpy.data.images.get(backup_name)
+        image = texture_image(obj)
+        if backup is not None and image is not None and backup.has_data:
+            set_pixels(image, read_pixels(backup), tuple(backup.size))
+    return Snapshot(weights, backup_name)
+
+
+# ---------------------------------------------------------------------------- export
+def _pack(image) -> None:
+    """Pack the image's current pixels as PNG (exporters embed packed data; unsaved pixels are skipped)."""
+    if not image.filepath_raw:
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in image.name)
+        image.filepath_raw = f"//{safe}.png"
+    image.file_format = "PNG"
+    image.pack()
+
+
+def pack_textures(obj) -> list[str]:
+    """Pack every image used by the object's materials that holds unsaved pixels; returns their names."""
+    packed = []
+    for slot in obj.material_slots:
+        material = slot.material
+        if material is None or not material.use_nodes:
+            continue
+        for node in material.node_tree.nodes:
+            image = getattr(node, "image", None)
+            if image is None or image.source not in ("GENERATED", "FILE"):
+                continue
+            if image.packed_file is None or image.is_dirty or image.source == "GENERATED":
+                _pack(image)
+                packed.append(image.name)
+    return packed
+
+
+def _operator_kwargs(operator, wanted: dict) -> dict:
+    """Only the options this Blender's exporter knows (names changed between 3.4 and 5.x)."""
+    known = {p.identifier for p in operator.get_rna_type().properties}
+    return {k: v for k, v in wanted.items() if k in known}
+
+
+class _OnlySelected:
+    """Select just `obj` (and make it active) for an exporter, then restore the selection."""
+
+    def __init__(self, obj):
+        self.obj = obj
+
+    def __enter__(self):
+        view_layer = bpy.context.view_layer
+        self.active = view_layer.objects.active
+        self.selected = [o for o in view_layer.objects if o.select_get()]
+        for o in self.selected:
+            o.select_set(False)
+        self.obj.select_set(True)
+        view_layer.objects.active = self.obj
+        return self
+
+    def __exit__(self, *exc):
+        view_layer = bpy.context.view_layer
+        self.obj.select_set(False)
+        for o in self.selected:
+            if o.name in view_layer.objects:
+                o.select_set(True)
+        view_layer.objects.active = self.active
+        return False
+
+
+def export_gltf(obj, filepath: str) -> Path:
+    """Binary glTF with every shape key (names + current values as mesh weights) and the texture
+    embedded. Modifiers are not applied: applying them would drop the shape keys."""
+    path = Path(filepath)
+    if path.suffix.lower() not in (".glb", ".gltf"):
+        path = path.with_suffix(".glb")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pack_textures(obj)
+    operator = bpy.ops.export_scene.gltf
+    kwargs = _operator_kwargs(operator, dict(
+        filepath=str(path), export_format="GLB" if path.suffix.lower() == ".glb" else "GLTF_EMBEDDED",
+        use_selection=True, export_apply=False, export_morph=True, export_morph_normal=False,
+        export_materials="EXPORT", export_image_format="AUTO", export_texcoords=True, export_normals=True,
+        export_yup=True, export_animations=False, export_extras=False,
+    ))
+    with _OnlySelected(obj):
+        result = operator(**kwargs)
+    if "FINISHED" not in result or not path.is_file():
+        raise UserError(f"glTF export to {path} failed (see the system console)")
+    return path
+
+
+def export_fbx(obj, filepath: str) -> Path:
+    """FBX with every shape key (values as DeformPercent) and the texture embedded; modifiers not
+    applied, since applying them would drop the shape keys."""
+    path = Path(filepath)
+    if path.suffix.lower() != ".fbx":
+        path = path.with_suffix(".fbx")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pack_textures(obj)
+    operator = bpy.ops.export_scene.fbx
+    kwargs = _operator_kwargs(operator, dict(
+        filepath=str(path), use_selection=True, object_types={"MESH"}, use_mesh_modifiers=False,
+        mesh_smooth_type="FACE", add_leaf_bones=False, bake_anim=False, path_mode="COPY", embed_textures=True,
+        use_custom_props=False,
+    ))
+    with _OnlySelected(obj):
+        result = operator(**kwargs)
+    if "FINISHED" not in result or not path.is_file():
+        raise UserError(f"FBX export to {path} failed (see the system console)")
+    return path

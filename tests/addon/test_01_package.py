@@ -1,0 +1,108 @@
+"""Layer 0: the package itself — metadata, registration, the shared protocol, no torch."""
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+import tomllib
+
+import addon_utils
+import bpy
+import pytest
+
+from conftest import ADDON, ROOT
+
+ADDON_DIR = ROOT / "blender_addon"
+
+
+def test_bl_info_and_manifest_agree():
+    import blender_addon
+
+    info = blender_addon.bl_info
+    assert info["blender"] == (3, 4, 0)
+    manifest = tomllib.loads((ADDON_DIR / "blender_manifest.toml").read_text())
+    assert manifest["type"] == "add-on"
+    assert manifest["id"] == "sds_head"
+    assert manifest["blender_version_min"] == "4.2.0"
+    assert manifest["version"] == ".".join(map(str, info["version"]))
+    assert manifest["name"] == info["name"]
+    assert manifest["license"] == ["SPDX:MIT"]
+
+
+def test_register_unregister_twice(addon):
+    """Enable/disable cycles leave no class, property or handler behind."""
+    for _ in range(2):
+        addon_utils.disable(ADDON, default_set=True)
+        assert not hasattr(bpy.types.Scene, "sdshead")
+        assert not hasattr(bpy.types.WindowManager, "sdshead_status")
+        assert not _operator_registered("sdshead.fit")
+        assert not any(getattr(h, "__name__", "") == "_on_load_pre" for h in bpy.app.handlers.load_pre)
+        module = addon_utils.enable(ADDON, default_set=True)
+        assert module is not None
+        assert hasattr(bpy.types.Scene, "sdshead")
+        assert _operator_registered("sdshead.fit")
+        assert sum(getattr(h, "__name__", "") == "_on_load_pre" for h in bpy.app.handlers.load_pre) == 1
+    from blender_addon import controller, properties
+
+    assert controller.CONTROLLER.listeners.count(properties.publish_status) == 1
+
+
+def _operator_registered(idname: str) -> bool:
+    module, name = idname.split(".")
+    try:
+        getattr(getattr(bpy.ops, module), name).get_rna_type()
+        return True
+    except (KeyError, AttributeError):
+        return False
+
+
+def test_every_operator_shares_the_prefix(addon):
+    from blender_addon import operators, panel
+
+    assert all(cls.bl_idname.startswith("sdshead.") for cls in operators.CLASSES)
+    drawn = set()
+    for path in (ADDON_DIR / "panel.py", ADDON_DIR / "preferences.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "operator":
+                drawn.add(node.args[0].value)
+    assert drawn and drawn <= {cls.bl_idname for cls in operators.CLASSES}
+    assert panel.SDSHEAD_PT_main.bl_category == "SDS Head"
+
+
+def test_protocol_is_the_backend_file_itself():
+    """One definition: the add-on executes sds_backend/protocol.py, not a copy."""
+    from blender_addon import bridge, paths
+
+    assert paths.protocol_path() == ROOT / "sds_backend" / "protocol.py"
+    assert bridge.protocol.__file__ == str(ROOT / "sds_backend" / "protocol.py")
+    assert not (ADDON_DIR / "protocol.py").exists(), "a copy of protocol.py in the repository would drift"
+
+
+def test_addon_never_imports_torch_or_other_backend_modules():
+    """Static: no blender_addon module imports torch, numpy-heavy backends or sds_backend."""
+    for path in ADDON_DIR.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module or ""]
+            else:
+                continue
+            for name in names:
+                assert name.split(".")[0] not in ("torch", "diffusers", "transformers", "sds_backend"), \
+                    f"{path.name} imports {name}"
+
+
+def test_plain_layers_import_without_bpy():
+    """bridge/bundle_io/paths run in a Python that has no bpy (and no torch)."""
+    code = ("import sys; sys.modules['bpy'] = None\n"
+            "import blender_addon.bridge, blender_addon.bundle_io, blender_addon.paths, blender_addon.synthetic\n"
+            "assert 'torch' not in sys.modules\n"
+            "print(blender_addon.bridge.protocol.PROTOCOL_VERSION)")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "1"
+
+
+def test_registering_imports_no_torch(addon):
+    assert "torch" not in sys.modules
