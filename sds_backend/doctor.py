@@ -17,7 +17,6 @@ import argparse
 import importlib.metadata
 import json
 import platform
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -72,6 +71,8 @@ def _device_info(device: Any) -> dict[str, Any]:
     if device.type == "cuda" and torch.cuda.is_available():
         props = torch.cuda.get_device_properties(device)
         return {"type": "cuda", "name": props.name, "memory_gib": round(props.total_memory / 2**30, 1)}
+    if device.type == "cuda":
+        return {"type": "cuda", "name": "not available (torch sees no CUDA device)", "memory_gib": None}
     name = platform.processor() or platform.machine()
     return {"type": device.type, "name": f"{name} ({torch.get_num_threads()} threads)", "memory_gib": None}
 
@@ -92,7 +93,7 @@ def _check_model(model: str, device: Any, allow_download: bool) -> dict[str, Any
         loaded = load_model(model, dtype, device, allow_download=allow_download)
     except Exception as exc:  # the doctor reports every failure instead of crashing on it
         result["error"] = str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}"
-        if not allow_download:
+        if "allow_download is off" in result["error"]:
             result["error"] += "\n(the doctor looks at local files only; add --download to let it fetch a hub id)"
         return result
     result.update(ok=True, seconds=round(time.perf_counter() - start, 2), dtype=str(dtype).removeprefix("torch."),
@@ -132,4 +133,4 @@ def _print_text(report: dict[str, Any]) -> None:
     else:
         lines.append(f"head          FAILED  {head['error']}")
     lines.append("all good" if report["ok"] else "something essential failed (see above)")
-    print("\n".join(lines), file=sys.stdout)
+    print("\n".join(lines))

@@ -34,7 +34,6 @@ import torch
 import torch.nn.functional as F
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-SUPPORTED_MODELS = (DEFAULT_MODEL, "stabilityai/stable-diffusion-2-1-base")  # documented, not enforced
 MODEL_ENV = "SDS_HEAD_MODEL"
 
 Weighting = Literal["1-alpha", "sqrt_alpha_1m_alpha", "uniform"]
@@ -205,7 +204,11 @@ class DiffusionModel:
 
     @property
     def native_resolution(self) -> int:
-        """Image side the UNet was trained at (SD 1.5 and 2.1-base: 512)."""
+        """Image side the UNet was trained at (SD 1.5 and 2.1-base: 512).
+
+        From the UNet's latent size, not the VAE's `sample_size`: SD 2.1-base ships a VAE config
+        that says 768 while its UNet was trained on 64² latents = 512² images.
+        """
         return int(self.unet.config.sample_size) * self.vae_scale_factor
 
 
