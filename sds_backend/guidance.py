@@ -168,6 +168,9 @@ def resolve_dtype(dtype: Dtype, device: torch.device) -> torch.dtype:
 
 
 # ------------------------------------------------------------------------------------ view prompts
+FRONT, SIDE, BACK, OVERHEAD = ", front view", ", side view", ", back view", ", overhead view"
+
+
 def view_suffix(azimuth: float, elevation: float) -> str:
     """Prompt suffix for a camera at `azimuth`, `elevation` degrees (threestudio's thresholds).
 
@@ -176,13 +179,13 @@ def view_suffix(azimuth: float, elevation: float) -> str:
     (azimuth wrapped to (−180, 180]); side: the rest.
     """
     if elevation > 60.0:
-        return ", overhead view"
+        return OVERHEAD
     yaw = abs((azimuth + 180.0) % 360.0 - 180.0)  # in [0, 180]
     if yaw <= 45.0:
-        return ", front view"
+        return FRONT
     if yaw >= 135.0:
-        return ", back view"
-    return ", side view"
+        return BACK
+    return SIDE
 
 
 # ---------------------------------------------------------------------------------------- loading
@@ -393,7 +396,7 @@ class StableDiffusionGuidance:
         """Make `prompt` (and its view variants) current; encodes only texts not seen before."""
         if not isinstance(prompt, str) or not isinstance(negative_prompt, str):
             raise TypeError(f"prompt, negative_prompt: expected str, got {type(prompt).__name__}, {type(negative_prompt).__name__}")
-        suffixes = (", front view", ", side view", ", back view", ", overhead view") if self.config.view_prompts else ("",)
+        suffixes = (FRONT, SIDE, BACK, OVERHEAD) if self.config.view_prompts else ("",)
         texts = [negative_prompt] + [prompt + suffix for suffix in suffixes]
         new = [text for text in dict.fromkeys(texts) if text not in self._embeddings]
         if new:
