@@ -48,6 +48,7 @@ FIT_CONFIG_KEYS = (
 )
 STDERR_LINES_KEPT = 200
 STDERR_LINES_SHOWN = 12
+EXIT_GRACE = 1.0  # seconds between the process's exit and its stdout's EOF before we stop waiting for it
 
 
 class ConfigError(ValueError):
@@ -200,6 +201,7 @@ class Backend:
         self._started_at = 0.0
         self._last_message_at = 0.0
         self._stop_sent_at: float | None = None
+        self._exited_at: float | None = None
         self._closed = False
 
     # ------------------------------------------------------------------ state
@@ -420,6 +422,11 @@ class Backend:
         if self._proc is None or self._closed:
             return None
         now = time.monotonic()
+        if self._proc.poll() is not None:
+            # normally the stdout EOF reports this; a child that inherited stdout keeps the pipe open
+            self._exited_at = self._exited_at or now
+            if now - self._exited_at > EXIT_GRACE:
+                return self._died_failure()
         if self.hello is None and now - self._started_at > self.settings.hello_timeout:
             return BackendFailure("backend_died", f"Backend did not start: no 'hello' within "
                                   f"{self.settings.hello_timeout:g} s")
@@ -476,7 +483,7 @@ class Backend:
         except subprocess.TimeoutExpired:
             self._signal_group(signal.SIGTERM)
             try:
-                proc.wait(timeout=2.0)
+                proc.wait(timeout=1.0)
             except subprocess.TimeoutExpired:
                 self._signal_group(signal.SIGKILL)
                 proc.wait()

@@ -113,11 +113,20 @@ def build_head(bundle: bundle_io.Bundle, *, name: str = HEAD_NAME, collection=No
     return obj
 
 
+def _node_tree(material, create: bool = False):
+    """The material's node tree (Blender 5 always has one; 3.x only after use_nodes = True)."""
+    if material is None:
+        return None
+    tree = material.node_tree
+    if tree is None and create:
+        material.use_nodes = True
+        tree = material.node_tree
+    return tree
+
+
 def _connect_texture(material, image) -> bool:
     """Add the texture node to `material`; link it to Base Color when that input is free."""
-    if not material.use_nodes:
-        material.use_nodes = True
-    tree = material.node_tree
+    tree = _node_tree(material, create=True)
     bsdf = next((n for n in tree.nodes if n.type == "BSDF_PRINCIPLED"), None)
     if bsdf is None:
         bsdf = tree.nodes.new("ShaderNodeBsdfPrincipled")
@@ -275,9 +284,10 @@ def texture_image(obj):
     """The image of the SDS texture node in the object's materials, or None."""
     for slot in obj.material_slots:
         material = slot.material
-        if material is None or not material.use_nodes:
+        tree = _node_tree(material)
+        if tree is None:
             continue
-        node = material.node_tree.nodes.get(TEXTURE_NODE)
+        node = tree.nodes.get(TEXTURE_NODE)
         if node is not None and getattr(node, "image", None) is not None:
             return node.image
     return None
@@ -412,9 +422,10 @@ def pack_textures(obj) -> list[str]:
     packed = []
     for slot in obj.material_slots:
         material = slot.material
-        if material is None or not material.use_nodes:
+        tree = _node_tree(material)
+        if tree is None:
             continue
-        for node in material.node_tree.nodes:
+        for node in tree.nodes:
             image = getattr(node, "image", None)
             if image is None or image.source not in ("GENERATED", "FILE"):
                 continue

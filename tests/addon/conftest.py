@@ -78,6 +78,7 @@ def prefs(addon):
     p = bpy.context.preferences.addons[ADDON].preferences
     saved = {k: getattr(p, k) for k in ("backend_python", "model", "device", "timeout")}
     yield p
+    p = bpy.context.preferences.addons[ADDON].preferences  # re-fetched: a disable/enable frees the old one
     for k, v in saved.items():
         setattr(p, k, v)
 
@@ -160,6 +161,7 @@ def pid_gone(pid: int) -> bool:
 
 
 def processes_in_group(pgid: int) -> list[int]:
+    """Live (non-zombie) processes whose process group is `pgid`."""
     found = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -167,7 +169,7 @@ def processes_in_group(pgid: int) -> list[int]:
                 fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
             except OSError:
                 continue
-            if int(fields[2]) == pgid:
+            if int(fields[2]) == pgid and fields[0] != "Z":
                 found.append(int(entry.name))
     return found
 
@@ -179,3 +181,20 @@ def wait_until(predicate, timeout: float, step: float = 0.05) -> bool:
             return True
         time.sleep(step)
     return predicate()
+
+
+def write_png(path, rows) -> Path:
+    """Write an 8-bit RGB PNG with the stdlib; rows[0] is the TOP row (PNG order)."""
+    import struct
+    import zlib
+
+    height, width = len(rows), len(rows[0])
+    raw = b"".join(b"\x00" + bytes(v for px in row for v in px) for row in rows)
+
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+
+    data = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+    Path(path).write_bytes(data)
+    return Path(path)
