@@ -35,8 +35,11 @@ def interpolate(attr: torch.Tensor, rast: Rasterization, faces: torch.Tensor) ->
     if attr_batch > 1:
         corner = corner + (rast.pixels // (height * width)) * num_vertices
     table = attr.permute(2, 0, 1).reshape(channels, attr_batch * num_vertices)    # [C, B*V]
-    values = table.index_select(1, corner.reshape(-1)).view(channels, 3, -1)     # [C, 3, P]
-    values = (values * rast.bary.to(attr.dtype)[None]).sum(1)                      # [C, P]
+    bary = rast.bary.to(attr.dtype)
+    # one corner at a time keeps every intermediate at [C, P] (forward and backward)
+    values = table.index_select(1, corner[0]) * bary[0]
+    values = values + table.index_select(1, corner[1]) * bary[1]
+    values = values + table.index_select(1, corner[2]) * bary[2]                  # [C, P]
     return _to_dense(values, rast)
 
 
@@ -68,5 +71,5 @@ def texture(tex: torch.Tensor, uv: torch.Tensor, filter: str = "bilinear") -> to
 def _to_dense(values: torch.Tensor, rast: Rasterization) -> torch.Tensor:
     """Scatter per-pixel values [C, P] into a zero image [B, H, W, C]."""
     channels = values.shape[0]
-    dense = values.new_zeros(channels, rast.num_pixels).index_copy(1, rast.pixels, values)
+    dense = values.new_zeros(channels, rast.num_pixels).index_copy_(1, rast.pixels, values)
     return dense.view(channels, rast.batch, *rast.resolution).permute(1, 2, 3, 0)

@@ -67,7 +67,7 @@ class Rasterization:
 
     def dense_bary(self) -> torch.Tensor:
         """float [B, H, W, 3]: barycentrics (zero where empty); differentiable."""
-        dense = self.bary.new_zeros(3, self.num_pixels).index_copy(1, self.pixels, self.bary)
+        dense = self.bary.new_zeros(3, self.num_pixels).index_copy_(1, self.pixels, self.bary)
         return dense.t().reshape(self.batch, *self.resolution, 3)
 
 
@@ -272,7 +272,7 @@ def _barycentrics(clip_verts, faces, pixels, triangles, height, width):
     batch, num_vertices = clip_verts.shape[:2]
     num_faces = faces.shape[0]
     if pixels.numel() == 0:
-        return clip_verts.new_zeros(3, 0) + 0 * clip_verts.sum()
+        return clip_verts.new_zeros(3, 0) + 0 * clip_verts.sum()  # stays in the graph: backward still works
     hom = clip_verts[..., (0, 1, 3)].permute(2, 0, 1).reshape(3, batch * num_vertices)   # [3, B*V]
     corner = (faces[None] + (torch.arange(batch, device=faces.device) * num_vertices)[:, None, None])
     corner = corner.permute(2, 0, 1).reshape(3, batch * num_faces)                       # [3, B*F]
@@ -281,11 +281,12 @@ def _barycentrics(clip_verts, faces, pixels, triangles, height, width):
     def cross(a, b):
         return torch.stack([a[1] * b[2] - a[2] * b[1], a[2] * b[0] - a[0] * b[2], a[0] * b[1] - a[1] * b[0]])
 
-    coeff = torch.cat([cross(v[1], v[2]), cross(v[2], v[0]), cross(v[0], v[1])])          # [9, B*F]
-    pixel_batch = pixels // (height * width)
-    coeff = coeff.index_select(1, pixel_batch * num_faces + triangles).view(3, 3, -1)    # [corner, xyw, P]
+    pixel_triangle = (pixels // (height * width)) * num_faces + triangles
     rem = pixels % (height * width)
-    px = ((rem % width).to(clip_verts.dtype) * 2 + 1) / width - 1
-    py = 1 - ((rem // width).to(clip_verts.dtype) * 2 + 1) / height
-    e = coeff[:, 0] * px + coeff[:, 1] * py + coeff[:, 2]                                  # [3, P]
+    point = torch.stack([((rem % width).to(clip_verts.dtype) * 2 + 1) / width - 1,       # NDC x
+                         1 - ((rem // width).to(clip_verts.dtype) * 2 + 1) / height,     # NDC y
+                         torch.ones(rem.shape, dtype=clip_verts.dtype, device=rem.device)])
+    # e_k = (v_{k+1} x v_{k+2}) . p, gathered per corner so no intermediate exceeds [3, P]
+    e = torch.stack([(cross(v[(k + 1) % 3], v[(k + 2) % 3]).index_select(1, pixel_triangle) * point).sum(0)
+                     for k in range(3)])                                                   # [3, P]
     return e / e.sum(0, keepdim=True)

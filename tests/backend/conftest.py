@@ -31,3 +31,12 @@ def tiny_sd_dir(tmp_path_factory):
     from sds_backend.tiny_sd import save_tiny_sd
 
     return save_tiny_sd(tmp_path_factory.mktemp("tiny_sd") / "model")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    # Tests share two cores with the backend subprocesses they start; a second intra-op thread
+    # then spins against them and makes small ops tens of times slower. One thread is steady.
+    import torch
+
+    torch.set_num_threads(1)

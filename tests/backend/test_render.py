@@ -1,0 +1,290 @@
+"""Rasterizer correctness against a brute-force reference, gradients against finite differences,
+and inverse rendering that must recover the parameters of a synthetic morphable model."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from meshes import perspective_clip, triangle_soup, uv_sphere
+from reference_render import reference_rasterize
+from sds_backend.bench_raster import silhouette_gradient_error
+from sds_backend.render import antialias, camera, interpolate, prepare_topology, rasterize, shading, texture
+
+
+def _compare_with_reference(clip: torch.Tensor, faces: torch.Tensor, height: int, width: int):
+    rast = rasterize(clip[None], faces, (height, width))
+    ours = rast.triangle_id()[0].numpy()
+    ref_tri, ref_depth, ref_bary = reference_rasterize(clip.numpy(), faces.numpy(), height, width)
+    agree = ours == ref_tri
+    both = agree & (ref_tri >= 0)
+    depth_err = np.abs(rast.dense_depth()[0].numpy()[both] - ref_depth[both]).max(initial=0)
+    bary_err = np.abs(rast.dense_bary()[0].detach().numpy()[both] - ref_bary[both]).max(initial=0)
+    return agree.mean(), depth_err, bary_err, (ref_tri >= 0).mean()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_random_triangles_match_reference(seed):
+    # overlapping triangles, some crossing the near plane and some wholly behind the camera
+    clip, faces = triangle_soup(400, torch.Generator().manual_seed(seed))
+    agree, depth_err, bary_err, coverage = _compare_with_reference(clip, faces, 72, 96)
+    assert coverage > 0.3
+    assert agree >= 0.999
+    assert depth_err <= 1e-4 and bary_err <= 1e-4
+
+
+@pytest.mark.parametrize("n_lat,n_lon,resolution", [(23, 46, 96), (71, 142, 64)])
+def test_sphere_matches_reference(n_lat, n_lon, resolution):
+    vertices, faces = uv_sphere(n_lat, n_lon)
+    cams = camera.orbit_cameras(torch.tensor([25.0]), torch.tensor([15.0]), 3.0, fov_deg=45)
+    clip = cams.to_clip(vertices.float()).double()[0]
+    agree, depth_err, bary_err, coverage = _compare_with_reference(clip, faces, resolution, resolution)
+    assert coverage > 0.2
+    assert agree >= 0.999
+    assert depth_err <= 1e-4 and bary_err <= 1e-4
+
+
+def test_closed_mesh_is_watertight():
+    # every pixel centre inside the projected sphere is covered: shared edges leave no gaps
+    vertices, faces = uv_sphere(40, 80)
+    clip = perspective_clip(vertices * 0.8 + torch.tensor([0.0, 0.0, -3.0], dtype=torch.float64))
+    rast = rasterize(clip[None], faces, 200)
+    covered = rast.mask()[0, ..., 0].bool()
+    # pixels well inside the silhouette (silhouette radius computed from the exact projection)
+    ys, xs = torch.meshgrid(torch.arange(200), torch.arange(200), indexing="ij")
+    ndc = torch.stack([(2 * xs + 1) / 200 - 1, 1 - (2 * ys + 1) / 200], -1).double()
+    focal = 1 / math.tan(math.radians(30))
+    radius = focal * 0.8 / math.sqrt(3.0 ** 2 - 0.8 ** 2)
+    inner = ndc.norm(dim=-1) < radius * 0.95
+    assert bool(covered[inner].all())
+
+
+def test_empty_and_degenerate_inputs():
+    clip = perspective_clip(torch.tensor([[0.0, 0.0, -2.0], [1.0, 0.0, -2.0], [2.0, 0.0, -2.0],   # collinear
+                                          [0.0, 0.0, -2.0], [0.0, 0.0, -2.0], [0.0, 0.0, -2.0],   # a point
+                                          [-1.0, -1.0, 3.0], [1.0, -1.0, 3.0], [0.0, 1.0, 3.0]],  # behind
+                                         dtype=torch.float64))
+    faces = torch.arange(9).reshape(3, 3)
+    rast = rasterize(clip[None], faces, 32)
+    assert rast.pixels.numel() == 0
+    assert (rast.triangle_id() == -1).all()
+    no_faces = rasterize(clip[None], torch.zeros(0, 3, dtype=torch.int64), 16)
+    assert no_faces.pixels.numel() == 0
+    image = interpolate(torch.ones(9, 2, dtype=torch.float64), rast, faces)
+    assert image.shape == (1, 32, 32, 2) and bool((image == 0).all())
+
+
+def test_triangle_through_camera_plane_is_clipped():
+    # one large triangle reaching behind the camera: only its in-front part shows, without NaN
+    corners = torch.tensor([[-1.0, -0.5, -3.0], [1.0, -0.5, -3.0], [0.0, -0.5, 2.0]], dtype=torch.float64)
+    clip = perspective_clip(corners)
+    faces = torch.arange(3)[None]
+    agree, depth_err, bary_err, coverage = _compare_with_reference(clip, faces, 64, 64)
+    assert coverage > 0.05
+    assert agree >= 0.999 and depth_err <= 1e-4 and bary_err <= 1e-4
+
+
+def test_batch_and_bad_arguments():
+    vertices, faces = uv_sphere(9, 18)
+    cams = camera.orbit_cameras(torch.tensor([0.0, 90.0]), torch.tensor([0.0, 0.0]), 3.0)
+    clip = cams.to_clip(vertices.float())
+    rast = rasterize(clip, faces, (24, 40))
+    single = rasterize(clip[1:], faces, (24, 40))
+    assert torch.equal(rast.triangle_id()[1], single.triangle_id()[0])
+    with pytest.raises(ValueError, match=r"clip_verts: expected shape \[B, V, 4\]"):
+        rasterize(clip[..., :3], faces, 16)
+    with pytest.raises(ValueError, match="faces: indices must lie in"):
+        rasterize(clip, faces + 1000, 16)
+    with pytest.raises(ValueError, match="NaN or inf"):
+        rasterize(clip * float("nan"), faces, 16)
+    with pytest.raises(ValueError, match="resolution"):
+        rasterize(clip, faces, 0)
+
+
+def _mesh_clip(n_lat=9, n_lon=18):
+    vertices, faces = uv_sphere(n_lat, n_lon)
+    offset = torch.tensor([0.1, -0.05, -3.2], dtype=torch.float64)
+    return perspective_clip(vertices + offset), faces
+
+
+def test_interpolate_gradients_match_finite_differences():
+    clip, faces = _mesh_clip(6, 12)
+    attr = torch.randn(clip.shape[0], 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    weights = torch.randn(1, 20, 20, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    rast_fixed = rasterize(clip[None], faces, 20)
+
+    def through_attr(a):
+        return (interpolate(a, rast_fixed, faces) * weights).sum()
+
+    def through_positions(c):
+        # visibility is piecewise constant; FD steps of 1e-6 do not change it for this mesh
+        return (interpolate(attr, rasterize(c[None], faces, 20), faces) * weights).sum()
+
+    assert torch.autograd.gradcheck(through_attr, (attr.requires_grad_(),), eps=1e-6, atol=1e-6, rtol=1e-3)
+    assert torch.autograd.gradcheck(through_positions, (clip.clone().requires_grad_(),), eps=1e-6, atol=1e-5, rtol=1e-3)
+
+
+def test_texture_gradients_match_finite_differences():
+    gen = torch.Generator().manual_seed(0)
+    tex = torch.rand(1, 6, 5, 3, dtype=torch.float64, generator=gen)
+    uv = 0.05 + 0.9 * torch.rand(1, 4, 4, 2, dtype=torch.float64, generator=gen)
+    assert torch.autograd.gradcheck(lambda t, u: texture(t, u), (tex.requires_grad_(), uv.requires_grad_()),
+                                    eps=1e-7, atol=1e-5, rtol=1e-3)
+
+
+def test_texture_addresses_texel_centres():
+    tex = torch.arange(12, dtype=torch.float64).reshape(1, 3, 4, 1)   # row 0 = top = v near 1
+    uv = torch.tensor([[[[0.125, 1 - 1 / 6], [0.875, 1 / 6]]]], dtype=torch.float64)
+    assert texture(tex, uv).flatten().tolist() == [0.0, 11.0]
+
+
+def _sphere_coverage_setup(n_lat, n_lon, resolution):
+    vertices, faces = uv_sphere(n_lat, n_lon)
+    cams = camera.orbit_cameras(torch.tensor([20.0]), torch.tensor([10.0]), 3.6, fov_deg=40)
+    cams = camera.Cameras(*(t.double() for t in (cams.world_to_view, cams.projection, cams.yaw_deg, cams.pitch_deg)))
+    ys, xs = torch.meshgrid(torch.linspace(0, 1, resolution, dtype=torch.float64),
+                            torch.linspace(0, 1, resolution, dtype=torch.float64), indexing="ij")
+    pixel_weights = 1 + torch.sin(3 * xs + 1) * torch.cos(2 * ys) + 0.5 * xs
+    gen = torch.Generator().manual_seed(1)
+    affine = torch.randn(3, 3, generator=gen, dtype=torch.float64) * 0.3
+    shift = torch.randn(3, generator=gen, dtype=torch.float64) * 0.3
+    direction = vertices @ affine.T + shift + 0.2 * torch.sin(2 * vertices[:, [1, 2, 0]])
+    return vertices, faces, cams, pixel_weights, direction
+
+
+@pytest.mark.parametrize("num_faces", [2_000, 50_000], ids=["2k", "50k"])
+def test_silhouette_gradient_matches_true_coverage(num_faces):
+    # the same measurement `bench raster` reports as silhouette_grad_rel_err_*
+    assert silhouette_gradient_error(num_faces) <= 0.05
+
+
+def test_silhouette_gradient_matches_own_forward():
+    # the antialiased image is continuous in the vertices, so its FD agrees with autograd
+    vertices, faces, cams, pixel_weights, direction = _sphere_coverage_setup(23, 46, 64)
+    topology = prepare_topology(faces)
+
+    def loss(v):
+        clip = cams.to_clip(v[None])
+        rast = rasterize(clip, faces, 64)
+        return (antialias(rast.mask(v.dtype), rast, clip, faces, topology)[0, ..., 0] * pixel_weights).sum()
+
+    v = vertices.clone().requires_grad_(True)
+    loss(v).backward()
+    analytic = (v.grad * direction).sum().item()
+    eps = 1e-4
+    numeric = (loss(vertices + eps * direction) - loss(vertices - eps * direction)).item() / (2 * eps)
+    assert analytic == pytest.approx(numeric, rel=1e-3)
+    assert abs(analytic) > 1.0
+
+
+def test_antialias_without_silhouette_gradient_is_zero():
+    # a point-sampled mask alone gives no gradient to positions; antialias is what adds it
+    vertices, faces, cams, pixel_weights, _ = _sphere_coverage_setup(15, 30, 48)
+    v = vertices.clone().requires_grad_(True)
+    clip = cams.to_clip(v[None])
+    rast = rasterize(clip, faces, 48)
+    plain = (rast.mask(v.dtype)[0, ..., 0] * pixel_weights).sum()
+    assert not plain.requires_grad
+    smooth = (antialias(rast.mask(v.dtype), rast, clip, faces)[0, ..., 0] * pixel_weights).sum()
+    (grad,) = torch.autograd.grad(smooth, v)
+    assert grad.abs().sum() > 0
+    # only vertices of silhouette edges receive gradient
+    moved = (grad.abs().sum(1) > 0).sum().item()
+    assert 0 < moved < vertices.shape[0] // 2
+
+
+def test_antialias_occluding_contour_over_surface():
+    # a small sphere in front of a large one: its outline over the big sphere is antialiased too
+    small, small_faces = uv_sphere(15, 30)
+    big, big_faces = uv_sphere(15, 30)
+    vertices = torch.cat([small * 0.3 + torch.tensor([0.0, 0.0, -2.0], dtype=torch.float64),
+                          big * 1.0 + torch.tensor([0.0, 0.0, -4.0], dtype=torch.float64)])
+    faces = torch.cat([small_faces, big_faces + small.shape[0]])
+    clip = perspective_clip(vertices)
+    rast = rasterize(clip[None], faces, 64)
+    colour = (rast.triangle_id()[0] < small_faces.shape[0]).double()[None, ..., None] * rast.mask(torch.float64)
+    smooth = antialias(colour, rast, clip[None], faces)
+    blended = (smooth > 0.01) & (smooth < 0.99)
+    assert blended.sum() > 20     # the small sphere's outline, drawn over the big sphere
+
+
+def test_topology_of_closed_and_open_meshes():
+    vertices, faces = uv_sphere(9, 18)
+    topo = prepare_topology(faces)
+    assert topo.edges.shape[0] == faces.shape[0] * 3 // 2
+    assert bool((topo.faces[:, 1] >= 0).all())
+    open_topo = prepare_topology(faces[:-18])           # drop the bottom cap
+    assert int((open_topo.faces[:, 1] < 0).sum()) == 18
+    # the opposite vertex is the third corner of its face
+    f, o = topo.faces[:, 0], topo.opposite[:, 0]
+    assert bool(((faces[f] == o[:, None]).any(1)).all())
+    assert not bool(((faces[f] == o[:, None]).sum(1) > 1).any())
+
+
+def test_camera_conventions():
+    cams = camera.orbit_cameras(torch.tensor([0.0, 90.0]), torch.tensor([0.0, 0.0]), 2.0, fov_deg=60, near=0.5, far=5.0)
+    eye = torch.linalg.inv(cams.world_to_view)[:, :3, 3]
+    assert torch.allclose(eye, torch.tensor([[0.0, 0.0, 2.0], [2.0, 0.0, 0.0]]), atol=1e-6)
+    rotation = cams.world_to_view[:, :3, :3]
+    assert torch.allclose(rotation @ rotation.transpose(1, 2), torch.eye(3).expand(2, 3, 3), atol=1e-6)
+    # the target projects to the image centre; near and far planes map to NDC -1 and 1
+    clip = cams.to_clip(torch.tensor([[0.0, 0.0, 0.0], [0.0, 0.0, 1.5], [0.0, 0.0, -3.0]]))
+    ndc = clip[..., :3] / clip[..., 3:]
+    assert torch.allclose(ndc[0, 0, :2], torch.zeros(2), atol=1e-6)
+    assert ndc[0, 1, 2].item() == pytest.approx(-1.0, abs=1e-5)
+    assert ndc[0, 2, 2].item() == pytest.approx(1.0, abs=1e-5)
+    # +y world is up in the image
+    up = cams.to_clip(torch.tensor([[0.0, 0.5, 0.0]]))
+    assert (up[0, 0, 1] / up[0, 0, 3]).item() > 0
+
+
+def test_vertex_normals_of_sphere_point_outward():
+    vertices, faces = uv_sphere(12, 24)
+    normals = shading.vertex_normals(vertices[None], faces)[0]
+    assert torch.allclose(normals, vertices, atol=0.05)
+
+
+def _synthetic_model(num_components: int = 20):
+    """Sphere plus orthonormalised low-order polynomial displacements along the normal."""
+    vertices, faces = uv_sphere(17, 34)
+    x, y, z = vertices.unbind(1)
+    monomials = [x, y, z, x * y, y * z, z * x, x * x - y * y, 3 * z * z - 1, x * y * z, x ** 3, y ** 3, z ** 3,
+                 x * x * y, x * x * z, y * y * x, y * y * z, z * z * x, z * z * y, x ** 4 - z ** 4, y ** 4 - x ** 2]
+    fields = torch.stack(monomials[:num_components], 1)
+    fields, _ = torch.linalg.qr(fields - fields.mean(0))
+    fields = fields / fields.abs().max(0).values * 0.08
+    basis = fields.t()[:, :, None] * vertices[None]                 # [K, V, 3]
+    return vertices, faces, basis
+
+
+def test_inverse_rendering_recovers_synthetic_weights():
+    torch.manual_seed(0)
+    vertices, faces, basis = _synthetic_model(20)
+    vertices, basis = vertices.float(), basis.float()
+    topology = prepare_topology(faces)
+    target = (torch.rand(20, generator=torch.Generator().manual_seed(3)) * 2 - 1)
+    yaw = torch.arange(8) * 45.0
+    pitch = torch.tensor([15.0, -15.0] * 4)
+    cams = camera.orbit_cameras(yaw, pitch, 3.2, fov_deg=40)
+    lights = torch.tensor([[0.5, 0.6, 1.0], [-0.6, 0.3, 1.0]] * 4)
+
+    def render(weights):
+        shape = vertices + torch.einsum("k,kvc->vc", weights, basis)
+        out = shading.render_mesh(shape, faces, cams, 64, light_dir=lights, topology=topology)
+        return torch.cat([out.image[..., :1], out.alpha], -1)
+
+    with torch.no_grad():
+        reference = render(target)
+    weights = torch.zeros(20, requires_grad=True)
+    optimizer = torch.optim.Adam([weights], lr=0.08)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, 120, eta_min=1e-3)
+    for _ in range(120):
+        optimizer.zero_grad()
+        loss = ((render(weights) - reference) ** 2).mean()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+    relative_error = ((weights.detach() - target).norm() / target.norm()).item()
+    assert relative_error <= 0.05, relative_error
