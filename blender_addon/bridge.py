@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import atexit
 import collections
+import json
 import os
 import queue
 import signal
@@ -34,7 +35,7 @@ import time
 import uuid
 import weakref
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from . import paths
 
@@ -130,6 +131,7 @@ class JobUpdate:
     job_id: str
     progress: dict | None = None
     texture: dict | None = None
+    texture_data: Any = None   # what the texture_loader made of the newest texture, on the reader thread
     done: dict | None = None
     failure: BackendFailure | None = None
     messages: int = 0       # protocol messages folded into this update
@@ -188,8 +190,12 @@ def _describe_exit(returncode: int | None) -> str:
 class Backend:
     """One backend subprocess. All methods run on the caller's (main) thread."""
 
-    def __init__(self, settings: BackendSettings):
+    def __init__(self, settings: BackendSettings, texture_loader: Callable[[str], Any] | None = None):
+        """texture_loader(path) runs on the reader thread for each texture event; whatever it returns
+        (e.g. decoded pixels, or None to leave decoding to the main thread) arrives as
+        JobUpdate.texture_data, so the main thread only copies pixels."""
         self.settings = settings
+        self.texture_loader = texture_loader
         self.hello: dict | None = None
         self.job_id: str | None = None
         self.failure: BackendFailure | None = None   # why the process ended, when it ended badly
@@ -286,7 +292,13 @@ class Backend:
                 except protocol.ProtocolError as exc:
                     self._queue.put(("garbage", (str(exc), line[:120])))
                     continue
-                self._queue.put(("message", message))
+                decoded = None
+                if message["type"] == "texture" and self.texture_loader is not None:
+                    try:
+                        decoded = self.texture_loader(message["path"])
+                    except Exception:  # the main thread decodes it again and reports what is wrong
+                        decoded = None
+                self._queue.put(("message", (message, decoded)))
         except (OSError, ValueError):
             pass
         finally:
@@ -371,7 +383,7 @@ class Backend:
                 break
             self._last_message_at = time.monotonic()
             if kind == "message":
-                self._take(payload, update)
+                self._take(*payload, update)
             elif kind == "garbage":
                 reason, raw = payload
                 shown = raw.decode("utf-8", errors="replace")
@@ -390,7 +402,7 @@ class Backend:
             self._stop_sent_at = None
         return update
 
-    def _take(self, message: dict, update: JobUpdate) -> None:
+    def _take(self, message: dict, decoded: Any, update: JobUpdate) -> None:
         kind = message["type"]
         if kind == "hello":
             if message["protocol"] != protocol.PROTOCOL_VERSION:
@@ -415,6 +427,7 @@ class Backend:
         elif kind == "texture":
             update.superseded += update.texture is not None
             update.texture = message
+            update.texture_data = decoded
         elif kind == "done":
             update.done = message
 
@@ -522,8 +535,27 @@ class Backend:
 
 
 # ---------------------------------------------------------------------- doctor
+def format_doctor(report: dict) -> str:
+    """`doctor --json` output as the few lines the preferences show."""
+    device, model, head = report.get("device", {}), report.get("model", {}), report.get("head", {})
+    versions = report.get("versions", {})
+    lines = ["Backend OK" if report.get("ok") else "Backend has a problem",
+             f"Device: {device.get('type', '?')} ({device.get('name', '?')})",
+             "Versions: " + ", ".join(f"{k} {v or 'missing'}" for k, v in versions.items())]
+    if model.get("ok"):
+        lines.append(f"Model: {model.get('id')} loads in {model.get('seconds')} s ({model.get('dtype')} on "
+                     f"{model.get('device')})")
+    else:
+        lines.append(f"Model: {model.get('id')} FAILED: {model.get('error')}")
+    if head.get("ok"):
+        lines.append(f"Head: {head.get('vertices')} vertices, {head.get('components')} components")
+    else:
+        lines.append(f"Head: FAILED: {head.get('error')}")
+    return "\n".join(lines)
+
+
 class DoctorRun:
-    """`<python> -m sds_backend doctor` in a thread, so the UI never waits on it."""
+    """`<python> -m sds_backend doctor --json` in a thread, so the UI never waits on it."""
 
     def __init__(self, python: str, model: str | None, device: str, timeout: float = 600.0):
         self.python = os.path.expanduser(python.strip())
@@ -532,6 +564,7 @@ class DoctorRun:
         self.timeout = timeout
         self.ok: bool | None = None
         self.text = ""
+        self.report: dict | None = None
         self._thread: threading.Thread | None = None
 
     @property
@@ -539,7 +572,7 @@ class DoctorRun:
         return self._thread is not None and self._thread.is_alive()
 
     def command(self) -> list[str]:
-        command = [self.python, "-m", "sds_backend", "doctor", "--device", self.device]
+        command = [self.python, "-m", "sds_backend", "doctor", "--json", "--device", self.device]
         if self.model:
             command += ["--model", self.model]
         return command
@@ -548,6 +581,10 @@ class DoctorRun:
         check_settings(BackendSettings(python=self.python, device=self.device))
         self._thread = threading.Thread(target=self.run, name="sds-head-doctor", daemon=True)
         self._thread.start()
+
+    def join(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
 
     def run(self) -> None:
         env = dict(os.environ)
@@ -562,6 +599,13 @@ class DoctorRun:
         except OSError as exc:
             self.ok, self.text = False, f"cannot run {self.python}: {exc.strerror or exc}"
             return
-        text = (result.stdout.strip() + ("\n" + result.stderr.strip() if result.returncode else "")).strip()
-        self.ok = result.returncode == 0
-        self.text = text or f"doctor exited with code {result.returncode} and printed nothing"
+        try:
+            self.report = json.loads(result.stdout.strip().splitlines()[-1])
+            assert isinstance(self.report, dict)
+        except (IndexError, json.JSONDecodeError, AssertionError):
+            tail = "\n".join((result.stdout + "\n" + result.stderr).strip().splitlines()[-STDERR_LINES_SHOWN:])
+            self.ok = False
+            self.text = f"doctor failed (exit code {result.returncode}):\n{tail}"
+            return
+        self.ok = bool(self.report.get("ok")) and result.returncode == 0
+        self.text = format_doctor(self.report)

@@ -18,7 +18,7 @@ from typing import Callable
 
 import bpy
 
-from . import bridge, bundle_io, scene
+from . import bridge, bundle_io, pngfile, scene
 from .errors import UserError
 
 log = logging.getLogger(__package__)
@@ -179,7 +179,7 @@ class FitController:
             return backend
         if backend is not None:
             backend.close()
-        self.backend = bridge.Backend(settings)
+        self.backend = bridge.Backend(settings, texture_loader=pngfile.read_png)
         try:
             self.backend.start()
         except bridge.ConfigError as exc:
@@ -285,11 +285,17 @@ class FitController:
             raise UserError(f"Backend sent {len(weights)} weights for {len(job.indices)} shape keys")
         scene.apply_weights(obj, job.indices, weights)
 
-    def _apply_texture(self, job: Job, path: str) -> None:
+    def _apply_texture(self, job: Job, path: str, decoded=None) -> None:
+        """decoded: (width, height, pixels) from pngfile.read_png on the reader thread, else None
+        (Blender decodes the file here, on the main thread)."""
         image = bpy.data.images.get(job.image_name) if job.image_name else None
         if image is None:
             raise UserError(f"The texture image '{job.image_name}' was deleted during the fit")
-        scene.apply_texture_file(image, path)
+        if decoded is not None:
+            width, height, pixels = decoded
+            scene.set_pixels(image, pixels, (width, height))
+        else:
+            scene.apply_texture_file(image, path)
         self.status.textures_applied += 1
 
     def _apply(self, job: Job, update: bridge.JobUpdate) -> None:
@@ -307,7 +313,7 @@ class FitController:
                 status.state = "running"
                 status.message = f"{p['stage']} {p['iteration']}/{p['total']}"
         if update.texture is not None and update.done is None:
-            self._apply_texture(job, update.texture["path"])
+            self._apply_texture(job, update.texture["path"], update.texture_data)
         if update.done is not None:
             done = update.done
             if done["weights"]:
@@ -316,7 +322,7 @@ class FitController:
             if "texture" in job.stages and final_texture and os.path.isfile(final_texture):
                 self._apply_texture(job, final_texture)
             elif update.texture is not None:
-                self._apply_texture(job, update.texture["path"])
+                self._apply_texture(job, update.texture["path"], update.texture_data)
 
     def _finish_done(self, job: Job, done: dict) -> None:
         status = self.status

@@ -260,7 +260,7 @@ class SDSHEAD_OT_check_backend(OperatorBase, bpy.types.Operator):
             raise UserError(str(exc)) from None
         _doctor = run
         if self.wait or bpy.app.background:
-            run._thread.join()
+            run.join()
             _doctor_publish(run)
             self._report("INFO" if run.ok else "ERROR", run.text.splitlines()[0] if run.text else "no answer")
         else:

@@ -331,6 +331,14 @@ def apply_texture_file(image, path: str) -> None:
         loaded.pixels.foreach_get(pixels)
     finally:
         bpy.data.images.remove(loaded)
+    set_pixels(image, pixels, (width, height))
+
+
+def set_pixels(image, pixels, size: tuple[int, int]) -> None:
+    """pixels: float32 [w * h * channels] (RGBA or RGB), Blender row order; resizes the image to `size`."""
+    np = _np()
+    width, height = size
+    channels = pixels.size // (width * height)
     if channels != image.channels:
         converted = np.ones((width * height, image.channels), dtype=np.float32)
         shared = min(channels, image.channels)
@@ -338,13 +346,6 @@ def apply_texture_file(image, path: str) -> None:
         pixels = converted.ravel()
     if tuple(image.size) != (width, height):
         image.scale(width, height)
-    image.pixels.foreach_set(pixels)
-    image.update()
-
-
-def set_pixels(image, pixels, size: tuple[int, int]) -> None:
-    if tuple(image.size) != tuple(size):
-        image.scale(*size)
     image.pixels.foreach_set(pixels)
     image.update()
 
