@@ -149,7 +149,7 @@ class JobUpdate:
 _live: "weakref.WeakSet[Backend]" = weakref.WeakSet()
 
 
-def close_all(timeout: float = 5.0) -> None:
+def close_all(timeout: float = 3.0) -> None:
     """End every backend this process started (add-on unregister, Blender quit)."""
     for backend in list(_live):
         backend.close(timeout=timeout)

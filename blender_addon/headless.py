@@ -199,7 +199,8 @@ def main(argv: list[str]) -> int:
         CONTROLLER.listeners.append(report)
         started = time.monotonic()
         CONTROLLER.start_fit(obj, inputs, settings, job_root=args.out / "job")
-        say(f"fitting '{obj.name}' to \"{inputs.prompt.strip()}\" (stages {', '.join(inputs.stages)})")
+        say(f"fitting '{obj.name}' to \"{inputs.prompt.strip()}\" (stages {', '.join(inputs.stages)}; "
+            f"backend pid {CONTROLLER.backend.pid})")
         interrupted = False
         while CONTROLLER.busy:
             try:

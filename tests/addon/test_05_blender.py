@@ -1,0 +1,169 @@
+"""Layer 4: under a real `blender -b` (Debian's Blender 3.4 here): install, headless failures, quit.
+
+Each test runs Blender with its own user config/scripts folders, so the machine's Blender
+preferences are never touched.
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from conftest import BLENDER, ROOT, needs_blender, pid_gone, wait_until
+
+pytestmark = [needs_blender, pytest.mark.blender]
+HEADLESS = ROOT / "blender_addon" / "headless.py"
+
+
+@pytest.fixture
+def blender_env(tmp_path):
+    env = dict(os.environ, BLENDER_USER_CONFIG=str(tmp_path / "config"), BLENDER_USER_SCRIPTS=str(tmp_path / "scripts"))
+    (tmp_path / "config").mkdir()
+    (tmp_path / "scripts").mkdir()
+    return env
+
+
+def blender(args, env, timeout=120, factory=True):
+    command = [BLENDER, "-b"] + (["--factory-startup"] if factory else []) + ["--python-exit-code", "1"] + args
+    return subprocess.run([str(c) for c in command], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def blender_script(tmp_path, code: str, env, factory=True, timeout=120):
+    script = tmp_path / "script.py"
+    script.write_text(textwrap.dedent(code))
+    return blender(["-P", script], env, timeout=timeout, factory=factory)
+
+
+@pytest.mark.parametrize("mode", ["link", "copy"])
+def test_install_into_blender_enables_the_addon_with_the_backend_path(tmp_path, blender_env, mode):
+    installer = ROOT / "blender_addon" / "install_into_blender.py"
+    result = blender(["-P", installer, "--", "--addon-dir", ROOT / "blender_addon", "--backend-python",
+                      "/opt/sds/.venv/bin/python", "--mode", mode], blender_env, factory=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    installed = tmp_path / "scripts" / "addons" / "sds_head"
+    if mode == "link":
+        assert installed.is_symlink() and installed.resolve() == ROOT / "blender_addon"
+        expected_protocol = ROOT / "sds_backend" / "protocol.py"
+    else:
+        assert (installed / "protocol.py").read_bytes() == (ROOT / "sds_backend" / "protocol.py").read_bytes()
+        expected_protocol = installed / "protocol.py"
+    # a fresh Blender with the saved preferences: enabled, path remembered, the right protocol file loaded
+    check = blender_script(tmp_path, """
+        import bpy, sys
+        addon = bpy.context.preferences.addons["sds_head"]
+        from sds_head import bridge
+        print("PYTHON", addon.preferences.backend_python)
+        print("PROTOCOL", bridge.protocol.__file__)
+        print("PANEL", hasattr(bpy.types, "SDSHEAD_PT_main"))
+    """, blender_env, factory=False)
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert "PYTHON /opt/sds/.venv/bin/python" in check.stdout
+    assert f"PROTOCOL {expected_protocol}" in check.stdout
+    assert "PANEL True" in check.stdout
+
+
+def headless(args, env, blend=None, timeout=180):
+    pre = [blend] if blend else []
+    return blender(pre + ["-P", HEADLESS, "--"] + args, env, timeout=timeout)
+
+
+def _out_args(tmp_path, synthetic_bundle):
+    return ["--out", tmp_path / "out", "--bundle", synthetic_bundle]
+
+
+def test_headless_empty_prompt_exits_3(tmp_path, blender_env, synthetic_bundle):
+    result = headless(["--prompt", "  "] + _out_args(tmp_path, synthetic_bundle), blender_env)
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert "error: Prompt is empty" in result.stderr
+
+
+def test_headless_missing_backend_python_exits_3(tmp_path, blender_env, synthetic_bundle):
+    result = headless(["--prompt", "a head", "--backend-python", "/nonexistent/python"]
+                      + _out_args(tmp_path, synthetic_bundle), blender_env)
+    assert result.returncode == 3
+    assert "error: Backend Python not found: /nonexistent/python" in result.stderr
+
+
+def test_headless_missing_model_folder_exits_3(tmp_path, blender_env, synthetic_bundle):
+    result = headless(["--prompt", "a head", "--model", str(tmp_path / "no-such-model")]
+                      + _out_args(tmp_path, synthetic_bundle), blender_env)
+    assert result.returncode == 3
+    assert f"error: Model folder not found: {tmp_path / 'no-such-model'}" in result.stderr
+
+
+def test_headless_mesh_without_shape_keys_exits_3(tmp_path, blender_env, synthetic_bundle):
+    blend = tmp_path / "cube.blend"
+    made = blender_script(tmp_path, f"""
+        import bpy
+        bpy.ops.wm.save_as_mainfile(filepath={str(blend)!r})
+    """, blender_env)
+    assert made.returncode == 0, made.stderr
+    result = headless(["--prompt", "a head"] + _out_args(tmp_path, synthetic_bundle), blender_env, blend=blend)
+    assert result.returncode == 3
+    assert "error: Active mesh 'Cube' has no shape keys" in result.stderr
+
+
+@pytest.mark.parametrize("mode, message", [
+    ("garbage", "Backend answered garbage"),
+    ("crash", "exit code 3"),
+])
+def test_headless_backend_failures_exit_4(tmp_path, blender_env, synthetic_bundle, fake_backend, mode, message):
+    python = fake_backend(mode)
+    result = headless(["--prompt", "a head", "--backend-python", python] + _out_args(tmp_path, synthetic_bundle),
+                      dict(blender_env, SDS_FAKE_MODE=mode))
+    assert result.returncode == 4, result.stdout + result.stderr
+    assert message in result.stderr
+    assert not (tmp_path / "out" / "weights.json").exists()
+
+
+def test_headless_sigkilled_backend_exits_4(tmp_path, blender_env, synthetic_bundle, fake_backend):
+    python = fake_backend("slow")
+    command = [BLENDER, "-b", "--factory-startup", "--python-exit-code", "1", "-P", str(HEADLESS), "--",
+               "--prompt", "a head", "--backend-python", python, "--out", str(tmp_path / "out"),
+               "--bundle", str(synthetic_bundle)]
+    proc = subprocess.Popen(command, env=dict(blender_env, SDS_FAKE_MODE="slow"), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        backend_pid = None
+        for line in proc.stdout:
+            found = re.search(r"backend pid (\d+)", line)
+            if found:
+                backend_pid = int(found.group(1))
+            if backend_pid and re.search(r"shape \d+/", line):
+                break
+        assert backend_pid, "headless never reported the backend pid"
+        os.kill(backend_pid, 9)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 4, err
+    assert "killed by signal SIGKILL" in err
+
+
+@pytest.mark.parametrize("mode", ["slow", "stubborn"])
+def test_quitting_blender_mid_fit_ends_the_backend(tmp_path, blender_env, synthetic_bundle, fake_backend, mode):
+    """The script starts a fit and returns; Blender quits (-b) while the backend runs: the bridge's atexit
+    hook ends it (the stubborn backend ignores stdin and SIGTERM, so only the hook's SIGKILL ends it)."""
+    python = fake_backend(mode)
+    result = blender_script(tmp_path, f"""
+        import sys, time
+        sys.path.insert(0, {str(ROOT)!r})
+        import bpy, blender_addon
+        blender_addon.register()
+        from blender_addon import bridge, bundle_io, controller, scene
+        obj = scene.build_head(bundle_io.load({str(synthetic_bundle)!r}))
+        ctl = controller.CONTROLLER
+        ctl.start_fit(obj, controller.FitInputs(prompt="x"), bridge.BackendSettings(python={python!r}))
+        while ctl.status.updates_applied < 2:
+            ctl.tick(wait=0.2)
+        print("BACKEND_PID", ctl.backend.pid, flush=True)
+    """, dict(blender_env, SDS_FAKE_MODE=mode))
+    assert result.returncode == 0, result.stderr
+    pid = int(re.search(r"BACKEND_PID (\d+)", result.stdout).group(1))
+    assert wait_until(lambda: pid_gone(pid), 5), "backend outlived Blender"
