@@ -159,13 +159,17 @@ def install_debian_blender() -> None:
 
 
 def install_addon(blender: str, backend_python: Path) -> None:
+    """Link blender_addon/ into that Blender's user add-ons as `sds_head`, enable it and save the
+    backend Python in its preferences (blender_addon/install_into_blender.py does the work; on
+    Windows it copies instead of linking). No --factory-startup: the user's preferences are loaded
+    and saved back with the add-on added, not replaced by factory settings."""
     if blender == "auto":
         found = shutil.which("blender")
         if found is None:
             raise StepFailed("step 'install add-on' failed: no 'blender' on PATH; pass --blender /path/to/blender")
         blender = found
     run("install the add-on into Blender",
-        [blender, "-b", "--factory-startup", "--python-exit-code", "1",
+        [blender, "-b", "--python-exit-code", "1",
          "-P", ROOT / "blender_addon" / "install_into_blender.py", "--",
          "--addon-dir", ROOT / "blender_addon", "--backend-python", backend_python])
 

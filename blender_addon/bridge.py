@@ -42,11 +42,6 @@ from . import paths
 protocol = paths.load_protocol()
 
 DEVICES = ("auto", "cuda", "cpu")
-# FitConfig fields the backend accepts (sds_backend.fit.FitConfig; unknown keys are rejected there)
-FIT_CONFIG_KEYS = (
-    "stages", "shape_steps", "texture_steps", "seed", "guidance_scale", "lr", "texture_lr", "l2_weight",
-    "grad_clip", "weight_clamp", "render_size", "texture_size", "event_every", "texture_every",
-)
 STDERR_LINES_KEPT = 200
 STDERR_LINES_SHOWN = 12
 EXIT_GRACE = 1.0  # seconds between the process's exit and its stdout's EOF before we stop waiting for it
@@ -234,7 +229,7 @@ class Backend:
             return f"ended ({_describe_exit(self._proc.poll())})"
         if self.hello is None:
             return f"starting (pid {self.pid})"
-        return f"pid {self.pid}, {self.hello['device']}, torch {self.hello['torch']}"
+        return f"pid {self.pid}, {self.hello['device']}"
 
     def stderr_tail(self, lines: int = STDERR_LINES_SHOWN) -> str:
         with self._stderr_lock:
@@ -331,9 +326,6 @@ class Backend:
         """Send a `fit`; returns its job id. Starts the process on first use."""
         if self.job_id is not None:
             raise BackendFailure("busy", "a fit is already running; stop it first", recoverable=True)
-        unknown = sorted(set(request.config) - set(FIT_CONFIG_KEYS))
-        if unknown:
-            raise ValueError(f"config has unknown key(s): {', '.join(unknown)}; expected {', '.join(FIT_CONFIG_KEYS)}")
         if self._proc is None:
             self.start()
         job_id = uuid.uuid4().hex[:12]
@@ -390,7 +382,11 @@ class Backend:
                 update.failure = BackendFailure(
                     "bad_message", f"Backend answered garbage (not a protocol message: {reason}): {shown!r}")
             elif kind == "eof":
-                update.failure = self._died_failure()
+                died = self._died_failure()
+                if update.done is None and job_id is not None:
+                    update.failure = died
+                else:  # the job had ended: only the idle backend is gone
+                    self._fail(died)
         if update.failure is None:
             update.failure = self._check_timeouts()
         if update.failure is not None:

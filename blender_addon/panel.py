@@ -56,45 +56,46 @@ class SDSHEAD_PT_main(bpy.types.Panel):
         # prompt + main settings
         column = layout.column()
         column.enabled = not busy
-        column.prop(settings, "prompt", text="", icon="TEXT")
-        column.prop(settings, "negative_prompt", text="Negative")
+        column.label(text="Prompt")
+        column.prop(settings, "prompt", text="")
+        column.label(text="Negative prompt")
+        column.prop(settings, "negative_prompt", text="")
         row = column.row(align=True)
-        row.prop(settings, "stage_shape", toggle=True)
-        row.prop(settings, "stage_texture", toggle=True)
-        grid = column.grid_flow(columns=2, align=True)
-        grid.prop(settings, "shape_steps")
-        grid.prop(settings, "texture_steps")
-        grid.prop(settings, "seed")
-        grid.prop(settings, "guidance_scale")
-        grid.prop(settings, "lr")
-        grid.prop(settings, "l2_weight")
+        row.prop(settings, "stage_shape", toggle=True, icon="SHAPEKEY_DATA")
+        row.prop(settings, "stage_texture", toggle=True, icon="TEXTURE")
+        sub = column.column(align=True)
+        sub.prop(settings, "shape_steps")
+        sub.prop(settings, "texture_steps")
+        sub = column.column(align=True)
+        sub.prop(settings, "seed")
+        sub.prop(settings, "guidance_scale")
+        sub.prop(settings, "lr")
+        sub.prop(settings, "l2_weight")
 
         # run
-        row = layout.row(align=True)
-        row.scale_y = 1.4
+        row = layout.row()
+        row.scale_y = 1.5
         row.operator("sdshead.fit", icon="PLAY")
-        row.operator("sdshead.stop", icon="PAUSE" if busy else "SNAP_FACE")
+        row = layout.row(align=True)
+        row.operator("sdshead.stop", icon="PAUSE")
         row.operator("sdshead.reset", icon="LOOP_BACK")
 
         # progress
-        col = layout.column(align=True)
+        box = layout.box()
+        col = box.column(align=True)
         state = status.state
-        if state != "idle":
-            label = status.message or state
-            if status.loss:
-                label += f"  loss {status.loss}"
-            col.label(text=label, icon={"failed": "ERROR", "done": "CHECKMARK"}.get(state, "SORTTIME"))
+        icon = {"failed": "ERROR", "done": "CHECKMARK", "stopped": "PAUSE", "idle": "INFO"}.get(state, "SORTTIME")
+        col.label(text=(status.message or state).capitalize(), icon=icon)
+        if status.loss:
+            col.label(text=f"Loss {status.loss}", icon="BLANK1")
+        progress_text = f"{status.stage.capitalize()} {status.iteration} / {status.total}" if status.total else "Progress"
         if hasattr(col, "progress"):  # Blender 4.0+
-            col.progress(factor=status.progress, type="BAR",
-                         text=f"{status.stage} {status.iteration} / {status.total}" if status.total else "")
+            col.progress(factor=status.progress / 100.0, type="BAR", text=progress_text)
         else:
             sub = col.row()
             sub.enabled = False
-            sub.prop(status, "progress", text=f"{status.stage} {status.iteration}/{status.total}"
-                     if status.total else "Progress", slider=True)
-        row = col.row()
-        row.label(text=f"Backend: {status.backend}", icon="CONSOLE")
-        row.operator("sdshead.stop_backend", text="", icon="CANCEL")
+            sub.prop(status, "progress", text=progress_text, slider=True)
+        col.label(text=status.backend, icon="CONSOLE")  # "Backend: pid 1234, cpu"
 
         if status.last_error:
             box = layout.box()
@@ -120,10 +121,12 @@ class SDSHEAD_PT_advanced(bpy.types.Panel):
     def draw(self, context):
         settings = context.scene.sdshead
         layout = self.layout
-        layout.enabled = not CONTROLLER.busy
         layout.use_property_split = True
+        column = layout.column()
+        column.enabled = not CONTROLLER.busy
         for name in ("texture_lr", "weight_clamp", "render_size", "texture_size", "event_every", "texture_every"):
-            layout.prop(settings, name)
+            column.prop(settings, name)
+        self.layout.operator("sdshead.stop_backend", icon="CANCEL")
 
 
 CLASSES = (SDSHEAD_PT_main, SDSHEAD_PT_advanced)

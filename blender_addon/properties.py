@@ -47,9 +47,9 @@ class SDSHEAD_PG_status(bpy.types.PropertyGroup):
     iteration: IntProperty(name="Iteration", default=0)
     total: IntProperty(name="Total", default=0)
     loss: StringProperty(name="Loss", default="")
-    progress: FloatProperty(name="Progress", subtype="FACTOR", min=0.0, max=1.0, default=0.0)
+    progress: FloatProperty(name="Progress", subtype="PERCENTAGE", min=0.0, max=100.0, default=0.0, precision=0)
     last_error: StringProperty(name="Last Error", default="")
-    backend: StringProperty(name="Backend", default="not started")
+    backend: StringProperty(name="Backend", default="Backend: not started")
     doctor_text: StringProperty(name="Backend Check", default="")
     doctor_state: StringProperty(name="Backend Check State", default="")   # '' | running | ok | failed
 
@@ -78,9 +78,9 @@ def publish_status(status: controller.Status) -> None:
     target.iteration = status.iteration
     target.total = status.total
     target.loss = "" if status.loss is None else f"{status.loss:.4g}"
-    target.progress = status.progress
+    target.progress = 100.0 * status.progress
     target.last_error = status.last_error
-    target.backend = status.backend
+    target.backend = f"Backend: {status.backend}"
     for window in wm.windows:
         for area in window.screen.areas:
             if area.type == "VIEW_3D":

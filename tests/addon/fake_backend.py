@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import subprocess
 import sys
 import threading
@@ -97,25 +98,40 @@ def main() -> None:
             i += 1
             progress(fit, i)
             time.sleep(0.05)
-    # slow: run until stopped; a child process sleeps in the same process group
+    # slow: each fit runs until stopped, then the backend waits for the next fit (like the real one);
+    # a child process sleeps in the same process group
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)"])
     print(f"child pid {child.pid}", file=sys.stderr, flush=True)
-    stop = threading.Event()
+    messages: "queue.Queue[dict | None]" = queue.Queue()
 
     def listen() -> None:
         for line in sys.stdin:
-            if json.loads(line)["type"] in ("stop", "shutdown"):
-                stop.set()
-        stop.set()
+            messages.put(json.loads(line))
+        messages.put(None)
 
     threading.Thread(target=listen, daemon=True).start()
-    i = 0
-    while not stop.is_set():
-        i += 1
-        progress(fit, i)
-        time.sleep(0.05)
-    send("done", id=fit["id"], weights=[], outputs={}, stopped=True, iterations=i, seconds=0.05 * i)
-    child.kill()
+    while fit is not None:
+        i, stopped = 0, False
+        while not stopped:
+            i += 1
+            progress(fit, i)
+            try:
+                message = messages.get(timeout=0.05)
+            except queue.Empty:
+                continue
+            if message is None or message["type"] == "shutdown":
+                child.kill()
+                return
+            stopped = message["type"] == "stop"
+        send("done", id=fit["id"], weights=[], outputs={}, stopped=True, iterations=i, seconds=0.05 * i)
+        fit = None
+        while fit is None:
+            message = messages.get()
+            if message is None or message["type"] == "shutdown":
+                child.kill()
+                return
+            if message["type"] == "fit":
+                fit = message
 
 
 if __name__ == "__main__":

@@ -106,3 +106,23 @@ def test_plain_layers_import_without_bpy():
 
 def test_registering_imports_no_torch(addon):
     assert "torch" not in sys.modules
+
+
+def test_fit_config_the_addon_sends_is_one_the_backend_accepts():
+    """The add-on keeps no copy of FitConfig's fields; this catches a rename on either side."""
+    from conftest import BACKEND_PYTHON
+
+    if not (ROOT / "sds_backend" / "fit.py").is_file() or not BACKEND_PYTHON.is_file():
+        pytest.skip("sds_backend/fit.py or the backend environment is missing")
+    import json
+
+    from blender_addon import controller
+
+    config = controller.FitInputs(prompt="x", stages=("shape", "texture")).config()
+    code = ("import json, sys; from sds_backend.fit import FitConfig; "
+            "c = FitConfig.from_dict(json.loads(sys.argv[1])); print(json.dumps(c.to_dict()))")
+    result = subprocess.run([str(BACKEND_PYTHON), "-c", code, json.dumps(config)], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    accepted = json.loads(result.stdout)
+    assert {k: accepted[k] for k in config} == config

@@ -67,6 +67,31 @@ def test_install_into_blender_enables_the_addon_with_the_backend_path(tmp_path, 
     assert "PANEL True" in check.stdout
 
 
+def test_install_py_installs_into_blender_keeping_user_preferences(tmp_path, blender_env, monkeypatch):
+    """install.py's install_addon(): the add-on is enabled, the backend path saved, other prefs kept."""
+    import importlib.util
+
+    for key in ("BLENDER_USER_CONFIG", "BLENDER_USER_SCRIPTS"):
+        monkeypatch.setenv(key, blender_env[key])
+    before = blender_script(tmp_path, """
+        import bpy
+        bpy.context.preferences.view.ui_scale = 1.25
+        bpy.ops.wm.save_userpref()
+    """, blender_env, factory=False)
+    assert before.returncode == 0, before.stderr
+    spec = importlib.util.spec_from_file_location("sds_install", ROOT / "install.py")
+    install = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(install)
+    install.install_addon(BLENDER, Path("/opt/sds/.venv/bin/python"))
+    check = blender_script(tmp_path, """
+        import bpy
+        print("PYTHON", bpy.context.preferences.addons["sds_head"].preferences.backend_python)
+        print("SCALE", bpy.context.preferences.view.ui_scale)
+    """, blender_env, factory=False)
+    assert "PYTHON /opt/sds/.venv/bin/python" in check.stdout, check.stdout + check.stderr
+    assert "SCALE 1.25" in check.stdout
+
+
 def headless(args, env, blend=None, timeout=180):
     pre = [blend] if blend else []
     return blender(pre + ["-P", HEADLESS, "--"] + args, env, timeout=timeout)

@@ -1,0 +1,147 @@
+"""Screenshot of the SDS Head panel during a real fit, in a real Blender window (docs/panel.png).
+
+    xvfb-run -a -s "-screen 0 1600x900x24" blender --enable-event-simulate --factory-startup \\
+        -P tests/addon/screenshot_panel.py -- --out docs/panel.png --model TINY_SD_DIR [--python .venv/bin/python]
+
+In UI mode bpy.app.timers fire, so this script only schedules steps: set up the scene, open the
+sidebar on the "SDS Head" tab (Ctrl+wheel over the sidebar, simulated: Blender 3.4 has no API for
+the active tab), start the fit with the panel's operator, wait until it is well under way, save
+the screenshot, stop the fit and quit. The add-on comes from this repository.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import bpy
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+import addon_utils  # noqa: E402
+
+argv = sys.argv[sys.argv.index("--") + 1:] if "--" in sys.argv else []
+parser = argparse.ArgumentParser()
+parser.add_argument("--out", type=Path, required=True)
+parser.add_argument("--model", required=True)
+parser.add_argument("--python", default=str(ROOT / ".venv" / "bin" / "python"))
+parser.add_argument("--prompt", default="an old sea captain, big nose")
+parser.add_argument("--at", type=float, default=0.35, help="fraction of the fit at which to shoot")
+parser.add_argument("--tabs", type=int, default=3, help="Ctrl+wheel steps from the first sidebar tab to ours")
+parser.add_argument("--shape-only", action="store_true", help="no texture stage")
+args = parser.parse_args(argv)
+bpy.context.preferences.view.show_splash = False  # before Blender opens the splash, after this script
+
+state = {"step": "setup", "t0": time.monotonic()}
+
+
+def log(text: str) -> None:
+    print(f"[screenshot] {text}", flush=True)
+
+
+def view3d():
+    window = bpy.context.window_manager.windows[0]
+    area = max((a for a in window.screen.areas if a.type == "VIEW_3D"), key=lambda a: a.width * a.height)
+    region = next(r for r in area.regions if r.type == "WINDOW")
+    sidebar = next(r for r in area.regions if r.type == "UI")
+    return window, area, region, sidebar
+
+
+def setup() -> None:
+    module = addon_utils.enable("blender_addon", default_set=True)
+    assert module is not None
+    prefs = bpy.context.preferences.addons["blender_addon"].preferences
+    prefs.backend_python, prefs.model, prefs.device = args.python, args.model, "cpu"
+    window, area, region, sidebar = view3d()
+    with bpy.context.temp_override(window=window, area=area, region=region):
+        for obj in list(bpy.data.objects):
+            bpy.data.objects.remove(obj)
+        bpy.ops.sdshead.create_head()
+        head = bpy.context.active_object
+        space = area.spaces.active
+        space.show_region_ui = True
+        space.shading.type = "SOLID"
+        space.shading.color_type = "TEXTURE"
+        space.overlay.show_floor = False
+        space.overlay.show_axis_x = space.overlay.show_axis_y = False
+        bpy.ops.view3d.view_axis(type="FRONT")
+        bpy.ops.view3d.view_selected()
+    settings = bpy.context.scene.sdshead
+    settings.prompt = args.prompt
+    settings.negative_prompt = "blurry, deformed"
+    settings.stage_shape, settings.stage_texture = True, not args.shape_only
+    settings.shape_steps, settings.texture_steps = 60, 60
+    settings.render_size, settings.texture_size = 64, 256
+    settings.event_every, settings.texture_every = 1, 5
+    bpy.context.preferences.view.ui_scale = 1.0
+    log(f"head '{head.name}' ready")
+
+
+def switch_tab() -> None:
+    window, area, region, sidebar = view3d()
+    x, y = sidebar.x + sidebar.width - 8, sidebar.y + sidebar.height // 2  # over the tab strip
+    window.event_simulate(type="MOUSEMOVE", value="NOTHING", x=x, y=y)
+    for _ in range(args.tabs):
+        window.event_simulate(type="WHEELDOWNMOUSE", value="PRESS", x=x, y=y, ctrl=True)
+
+
+def start_fit() -> None:
+    window, area, region, sidebar = view3d()
+    with bpy.context.temp_override(window=window, area=area, region=sidebar):
+        result = bpy.ops.sdshead.fit()
+    log(f"fit: {result}")
+
+
+def shoot() -> None:
+    window, area, region, sidebar = view3d()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    with bpy.context.temp_override(window=window, area=area, region=region):
+        bpy.ops.screen.screenshot(filepath=str(args.out.resolve()))
+    log(f"saved {args.out}")
+
+
+def step():
+    from blender_addon.controller import CONTROLLER
+
+    phase = state["step"]
+    if phase == "setup":
+        setup()
+        state["step"] = "tab"
+        return 1.0
+    if phase == "tab":
+        switch_tab()
+        state["step"] = "fit"
+        return 1.0
+    if phase == "fit":
+        start_fit()
+        state["step"] = "wait"
+        return 0.5
+    if phase == "wait":
+        status = CONTROLLER.status
+        if status.state == "failed" or not CONTROLLER.busy and status.state != "running":
+            log(f"fit ended early: {status.state} {status.last_error}")
+            shoot()
+            bpy.ops.wm.quit_blender()
+            return None
+        if status.total and status.iteration >= args.at * status.total and (status.textures_applied or args.shape_only):
+            state["step"] = "shoot"
+            return 0.6  # let the viewport and the panel redraw with this update
+        return 0.2
+    if phase == "shoot":
+        shoot()
+        window, area, region, sidebar = view3d()
+        with bpy.context.temp_override(window=window, area=area, region=sidebar):
+            bpy.ops.sdshead.stop()
+        state["step"] = "quit"
+        return 1.0
+    if phase == "quit":
+        if CONTROLLER.busy and time.monotonic() - state["t0"] < 600:
+            return 0.2
+        log(f"final state: {CONTROLLER.status.state} {CONTROLLER.status.message} {CONTROLLER.status.last_error}")
+        bpy.ops.wm.quit_blender()
+    return None
+
+
+bpy.app.timers.register(step, first_interval=1.0)
