@@ -122,6 +122,8 @@ class Status:
     textures_applied: int = 0
     apply_ms: float = 0.0          # main-thread time of the last tick that applied something
     stop_latency: float | None = None
+    iterations_done: int = 0        # done.iterations of the finished job
+    weights: list = field(default_factory=list)   # the newest weights applied to the scene
     outputs: dict = field(default_factory=dict)
 
     @property
@@ -284,6 +286,7 @@ class FitController:
         if len(weights) != len(job.indices):
             raise UserError(f"Backend sent {len(weights)} weights for {len(job.indices)} shape keys")
         scene.apply_weights(obj, job.indices, weights)
+        self.status.weights = weights
 
     def _apply_texture(self, job: Job, path: str, decoded=None) -> None:
         """decoded: (width, height, pixels) from pngfile.read_png on the reader thread, else None
@@ -328,6 +331,7 @@ class FitController:
         status = self.status
         status.outputs = dict(done["outputs"])
         status.seconds = done["seconds"]
+        status.iterations_done = done["iterations"]
         if done["stopped"]:
             status.state = "stopped"
             if job.stop_requested_at is not None:

@@ -1,0 +1,159 @@
+"""End to end under a real `blender -b` with the real backend and the tiny SD: the headless run
+writes weights.json / texture.png / head.glb / head.fbx / a .blend, and fresh Blenders re-import
+them with the same 50 shape keys, the fitted values and a textured material.
+
+Blender 3.4's FBX importer clamps shape-key values to the default slider range [0, 1] (it sets
+`value` before widening the slider; fixed in Blender 4.x, whose importer widens it first), so the
+3.4 re-import of the FBX is checked for names and clamped values, and the exact values are checked
+by re-importing the same file in Blender 5.0 (the bpy wheel).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from conftest import BLENDER, ROOT, needs_backend, needs_blender
+
+pytestmark = [needs_blender, needs_backend, pytest.mark.blender]
+HEADLESS = ROOT / "blender_addon" / "headless.py"
+IMPORT_SCRIPT = textwrap.dedent('''
+    import json, sys
+    try:
+        import numpy
+        if not hasattr(numpy, "bool"):
+            numpy.bool = bool  # Blender 3.4's glTF importer with numpy >= 1.24
+    except ImportError:
+        pass
+    import bpy
+    path = sys.argv[sys.argv.index("--") + 1]
+    bpy.ops.wm.read_factory_settings(use_empty=True)
+    if path.endswith(".glb"):
+        bpy.ops.import_scene.gltf(filepath=path)
+    elif path.endswith(".fbx"):
+        bpy.ops.import_scene.fbx(filepath=path)
+    else:
+        bpy.ops.wm.open_mainfile(filepath=path)
+    meshes = [o for o in bpy.data.objects if o.type == "MESH"]
+    obj = meshes[0]
+    keys = {kb.name: kb.value for kb in obj.data.shape_keys.key_blocks[1:]}
+    images = []
+    for slot in obj.material_slots:
+        tree = slot.material.node_tree if slot.material else None
+        for node in (tree.nodes if tree else []):
+            image = getattr(node, "image", None)
+            if image is not None and image.size[0] > 0:
+                px = [0.0] * (image.size[0] * image.size[1] * image.channels)
+                image.pixels.foreach_get(px)
+                images.append({"size": list(image.size), "channels": image.channels, "head": px[:64],
+                               "packed": image.packed_file is not None})
+    print("RESULT " + json.dumps({"meshes": len(meshes), "keys": keys, "images": images,
+                                  "blender": bpy.app.version_string}))
+''')
+
+
+@pytest.fixture(scope="module")
+def headless_run(tmp_path_factory, tiny_sd_dir, head_bundle):
+    out = tmp_path_factory.mktemp("e2e") / "out"
+    env = dict(os.environ, BLENDER_USER_CONFIG=str(out.parent / "config"),
+               BLENDER_USER_SCRIPTS=str(out.parent / "scripts"))
+    command = [BLENDER, "-b", "--factory-startup", "--python-exit-code", "1", "-P", str(HEADLESS), "--",
+               "--prompt", "a bald old man with a big nose", "--out", str(out), "--bundle", str(head_bundle),
+               "--model", str(tiny_sd_dir), "--device", "cpu", "--stages", "shape,texture", "--steps", "6",
+               "--texture-steps", "4", "--render-size", "64", "--texture-size", "64", "--event-every", "1",
+               "--texture-every", "2", "--glb", "--fbx", "--save", str(out / "head.blend")]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    return out, result, env
+
+
+def _import(path, env, python=None):
+    script = path.parent / "import_check.py"
+    script.write_text(IMPORT_SCRIPT)
+    if python:
+        command = [python, str(script), "--", str(path)]
+    else:
+        command = [BLENDER, "-b", "--factory-startup", "--python-exit-code", "1", "-P", str(script), "--", str(path)]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    line = next(l for l in result.stdout.splitlines() if l.startswith("RESULT "))
+    return json.loads(line[len("RESULT "):])
+
+
+def test_headless_run_exits_0_and_writes_the_outputs(headless_run):
+    out, result, _ = headless_run
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for name in ("weights.json", "texture.png", "head.glb", "head.fbx", "head.blend"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    assert "[sds-head] shape 1/10" in result.stdout and "[sds-head] texture 10/10" in result.stdout
+    record = json.loads((out / "weights.json").read_text())
+    assert len(record["names"]) == len(record["weights"]) == 50
+    assert record["state"] == "done" and record["iterations"] == 10
+    assert any(abs(w) > 1e-4 for w in record["weights"])
+
+
+def _check_keys(imported, record, clamp=False):
+    fitted = dict(zip(record["names"], record["weights"]))
+    assert imported["meshes"] == 1
+    assert list(imported["keys"])[:50] == record["names"]        # same 50 keys, same order (+ expressions)
+    for name, value in fitted.items():
+        expected = min(1.0, max(0.0, value)) if clamp else value
+        assert imported["keys"][name] == pytest.approx(expected, abs=1e-4), name
+
+
+def _check_texture(imported, out):
+    assert imported["images"], "no textured material"
+    image = imported["images"][0]
+    assert image["size"] == [64, 64]
+    # the first pixels (bottom row) equal texture.png's bottom row
+    sys.path.insert(0, str(ROOT))
+    from blender_addon import pngfile
+
+    decoded = pngfile.read_png(out / "texture.png")
+    assert decoded is not None
+    expected = decoded[2].reshape(-1, 4)[:16, :3]
+    got = np.array(image["head"]).reshape(-1, image["channels"])[:16, :3]
+    np.testing.assert_allclose(got, expected, atol=1.5 / 255)
+
+
+def test_glb_reimports_in_blender_34_with_values_and_texture(headless_run):
+    out, result, env = headless_run
+    record = json.loads((out / "weights.json").read_text())
+    imported = _import(out / "head.glb", env)
+    assert imported["blender"].startswith("3.4")
+    _check_keys(imported, record)
+    _check_texture(imported, out)
+
+
+def test_glb_reimports_in_blender_50(headless_run):
+    out, result, env = headless_run
+    imported = _import(out / "head.glb", env, python=sys.executable)
+    assert imported["blender"].startswith("5.0")
+    _check_keys(imported, json.loads((out / "weights.json").read_text()))
+    _check_texture(imported, out)
+
+
+def test_fbx_reimports_in_blender_50_with_exact_values(headless_run):
+    out, result, env = headless_run
+    imported = _import(out / "head.fbx", env, python=sys.executable)
+    _check_keys(imported, json.loads((out / "weights.json").read_text()))
+    _check_texture(imported, out)
+
+
+def test_fbx_reimports_in_blender_34_with_names_and_clamped_values(headless_run):
+    out, result, env = headless_run
+    imported = _import(out / "head.fbx", env)
+    _check_keys(imported, json.loads((out / "weights.json").read_text()), clamp=True)
+    _check_texture(imported, out)
+
+
+def test_saved_blend_keeps_values_and_packed_texture(headless_run):
+    out, result, env = headless_run
+    imported = _import(out / "head.blend", env)
+    _check_keys(imported, json.loads((out / "weights.json").read_text()))
+    assert imported["images"][0]["packed"]
+    _check_texture(imported, out)
