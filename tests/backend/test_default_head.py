@@ -312,7 +312,7 @@ def test_principal_components_match_the_sampled_covariance():
         weight_mean=weights.mean(0), weight_cov=np.cov(weights.T, bias=True),
         cross_cov=((weights - weights.mean(0)).T @ (factors - factors.mean(0))) / len(weights),
         factor_var=factors.var(0))
-    components = make_head.principal_components(moments, targets, mirror=np.arange(num_vertices))
+    components = make_head.principal_components(moments, targets, mirror=np.arange(num_vertices), count=3)
     samples = np.einsum("nj,jvc->nvc", weights, targets).reshape(len(weights), -1)
     expected = np.sort(np.linalg.eigvalsh(np.cov(samples.T, bias=True)))[::-1][:3]
     np.testing.assert_allclose(components.variances[:3], expected, rtol=1e-6)
