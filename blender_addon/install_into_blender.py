@@ -3,13 +3,15 @@
     blender -b --python-exit-code 1 -P blender_addon/install_into_blender.py -- \\
         --addon-dir blender_addon --backend-python .venv/bin/python [--mode link|copy] [--model M] [--device D]
 
-Modes (the add-on is always installed as the module `sds_head` in Blender's user add-on folder,
-which Blender 3.4 to 5.x load as a (legacy) add-on):
+Modes (link and copy install the module `sds_head` in Blender's user add-on folder, which Blender
+3.4 to 5.x load as a (legacy) add-on):
   link  (default where symlinks work) a symlink to the repository's blender_addon/: edits and
         `git pull` take effect on the next Blender start, and the add-on loads the repository's
         own sds_backend/protocol.py.
   copy  a self-contained copy: blender_addon/ plus sds_backend/protocol.py (byte for byte) and
         assets/default_head.npz, the same files a 4.2+ extension zip holds.
+  extension  (Blender 4.2+) the copy, zipped as an extension package (blender_manifest.toml) and
+        installed into the user_default extension repository: the module is bl_ext.user_default.sds_head.
 The user preferences are saved, so the backend Python is remembered. Running it again replaces
 an earlier install of SDS Head; a different add-on with the same folder name is left alone.
 """
@@ -36,7 +38,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="install_into_blender.py")
     parser.add_argument("--addon-dir", required=True, type=Path, help="the repository's blender_addon/ folder")
     parser.add_argument("--backend-python", required=True, help="interpreter of the backend environment")
-    parser.add_argument("--mode", choices=("link", "copy"), default="link" if os.name != "nt" else "copy")
+    parser.add_argument("--mode", choices=("link", "copy", "extension"), default="link" if os.name != "nt" else "copy")
+    parser.add_argument("--zip", type=Path, default=None, help="extension mode: also keep the package zip here")
     parser.add_argument("--model", default=None, help="model preference (hub id or folder)")
     parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default=None)
     return parser.parse_args(argv)
@@ -64,6 +67,38 @@ def stage_copy(addon_dir: Path, target: Path) -> None:
                 shutil.copyfile(extra, target / "assets" / extra.name)
 
 
+def build_extension_zip(addon_dir: Path, zip_path: Path) -> Path:
+    """The self-contained copy as a Blender 4.2+ extension package (files at the zip's root)."""
+    import tempfile
+    import zipfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        stage = Path(tmp) / MODULE
+        stage_copy(addon_dir, stage)
+        zip_path.parent.mkdir(parents=True, exist_ok=True)
+        with zipfile.ZipFile(zip_path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+            for path in sorted(stage.rglob("*")):
+                if path.is_file():
+                    archive.write(path, path.relative_to(stage).as_posix())
+    return zip_path
+
+
+def install_extension(args: argparse.Namespace, addon_dir: Path, backend_python: Path) -> str:
+    if bpy.app.version < (4, 2, 0):
+        raise SystemExit(f"--mode extension needs Blender 4.2+, this is {bpy.app.version_string}; use link or copy")
+    import tempfile
+
+    zip_path = args.zip or Path(tempfile.mkdtemp(prefix="sds-head-ext-")) / f"{MODULE}.zip"
+    build_extension_zip(addon_dir, zip_path)
+    result = bpy.ops.extensions.package_install_files(filepath=str(zip_path), repo="user_default",
+                                                      enable_on_install=True, overwrite=True)
+    module = f"bl_ext.user_default.{MODULE}"
+    if "FINISHED" not in result or module not in bpy.context.preferences.addons:
+        raise SystemExit(f"Blender could not install/enable the extension {zip_path} ({result})")
+    say(f"extension installed from {zip_path}")
+    return module
+
+
 def install(args: argparse.Namespace) -> Path:
     addon_dir = args.addon_dir.resolve()
     if not (addon_dir / "__init__.py").is_file() or not is_ours(addon_dir):
@@ -71,6 +106,10 @@ def install(args: argparse.Namespace) -> Path:
     backend_python = Path(os.path.expanduser(args.backend_python)).absolute()
     if not backend_python.is_file():
         say(f"warning: backend Python {backend_python} does not exist (yet); set it later in the preferences")
+    if args.mode == "extension":
+        module_name = install_extension(args, addon_dir, backend_python)
+        set_preferences(module_name, args, backend_python)
+        return Path(bpy.utils.user_resource("EXTENSIONS", path="user_default")) / MODULE
     addons = Path(bpy.utils.user_resource("SCRIPTS", path="addons", create=True))
     target = addons / MODULE
     if target.is_symlink() or target.exists():
@@ -95,7 +134,12 @@ def install(args: argparse.Namespace) -> Path:
     module = addon_utils.enable(MODULE, default_set=True, persistent=True)
     if module is None or MODULE not in bpy.context.preferences.addons:
         raise SystemExit(f"Blender could not enable {MODULE} (see the messages above)")
-    prefs = bpy.context.preferences.addons[MODULE].preferences
+    set_preferences(MODULE, args, backend_python)
+    return target
+
+
+def set_preferences(module: str, args: argparse.Namespace, backend_python: Path) -> None:
+    prefs = bpy.context.preferences.addons[module].preferences
     prefs.backend_python = str(backend_python)
     if args.model is not None:
         prefs.model = args.model
@@ -103,9 +147,8 @@ def install(args: argparse.Namespace) -> Path:
         prefs.device = args.device
     bpy.context.preferences.use_preferences_save = True
     bpy.ops.wm.save_userpref()
-    say(f"enabled {MODULE} in Blender {bpy.app.version_string}; backend Python: {backend_python}")
+    say(f"enabled {module} in Blender {bpy.app.version_string}; backend Python: {backend_python}")
     say(f"preferences saved in {bpy.utils.user_resource('CONFIG')}")
-    return target
 
 
 def main() -> int:

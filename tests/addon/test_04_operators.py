@@ -185,3 +185,26 @@ def test_unregister_during_a_fit_leaves_no_backend_process(head, prefs, fake_bac
         assert elapsed < 10
     finally:
         addon_utils.enable(ADDON, default_set=True)
+
+
+@pytest.mark.skipif(not BACKEND_PYTHON.is_file(), reason="backend environment missing")
+def test_check_backend_shows_the_doctors_answer(addon, prefs, tiny_sd_dir, tmp_path):
+    prefs.backend_python, prefs.device = str(BACKEND_PYTHON), "cpu"
+    prefs.model = str(tiny_sd_dir)
+    assert bpy.ops.sdshead.check_backend(wait=True) == {"FINISHED"}
+    status = _status()
+    assert status.doctor_state in ("ok", "failed"), status.doctor_text
+    assert "Device: cpu" in status.doctor_text
+    assert f"Model: {tiny_sd_dir} loads in" in status.doctor_text, status.doctor_text
+    prefs.model = str(tmp_path / "empty")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(RuntimeError):
+        bpy.ops.sdshead.check_backend(wait=True)   # reported as an error
+    assert status.doctor_state == "failed"
+    assert f"Model: {tmp_path / 'empty'} FAILED" in status.doctor_text
+
+
+def test_check_backend_with_missing_python(addon, prefs):
+    prefs.backend_python = "/nonexistent/python"
+    with pytest.raises(RuntimeError, match="Backend Python not found"):
+        bpy.ops.sdshead.check_backend(wait=True)
