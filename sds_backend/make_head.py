@@ -22,9 +22,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
+import torch
+from PIL import Image, ImageDraw
 
 from sds_backend import _head_source as source
 from sds_backend.morphable import MorphableModel
+from sds_backend.render import camera, shading
 
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "assets" / "default_head.npz"
 NUM_COMPONENTS = 50
@@ -289,7 +292,7 @@ class Slider:
     by max(-v, 0); a one-sided slider (no negative targets) drives its targets by |v|."""
 
     name: str                    # MakeHuman's name, e.g. "nose-scale-horiz-decr-incr"
-    positive_label: str          # what a positive value looks like, e.g. "nose_scale_horiz_incr"
+    positive_label: str          # what a positive value looks like, e.g. "nose_width"
     negative_label: str
     positive: tuple[str, ...]    # target keys "folder/name"
     negative: tuple[str, ...] = ()
@@ -394,7 +397,9 @@ def _draw_macros(rng: np.random.Generator, count: int) -> tuple[np.ndarray, dict
     Returns the factor values [count, 7] (male 0..1, old 0..1, muscle -1..1, weight -1..1, ethnic
     proportions) and the weight of each macro target key.
     """
-    sample = lambda: np.clip(rng.normal(0.0, MACRO_SIGMA, size=count), -1.0, 1.0)
+    def sample() -> np.ndarray:
+        return np.clip(rng.normal(0.0, MACRO_SIGMA, size=count), -1.0, 1.0)
+
     male = 0.5 + 0.5 * sample()
     old = np.abs(sample())          # one-sided like any slider: 25 years old at 0, 90 at 1
     muscle, weight = sample(), sample()
@@ -676,11 +681,6 @@ MEAN_VIEWS = (("front", 0.0), ("3/4", 35.0), ("side", 90.0), ("back", 180.0))   
 def render_contact_sheet(model: MorphableModel, path: Path) -> None:
     """PNG of the mean head from four sides, then each of the first components at -2 and +2 sigma
     (three-quarter view), rendered with the project's own rasterizer."""
-    import torch
-    from PIL import Image, ImageDraw
-
-    from sds_backend.render import camera, shading
-
     weights, yaws, captions = [], [], []
     for caption, yaw in MEAN_VIEWS:
         weights.append(np.zeros(model.num_components))
