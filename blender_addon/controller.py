@@ -142,6 +142,7 @@ class Job:
     stages: tuple[str, ...]
     started_at: float
     stop_requested_at: float | None = None
+    abandoned: str = ""     # why updates are no longer applied (the job waits for its end, then fails)
 
 
 def default_job_root() -> Path:
@@ -257,17 +258,20 @@ class FitController:
         if update is None:  # the backend forgot the job: only after close() from elsewhere
             self._finish_failed(bridge.BackendFailure("backend_died", "Backend was closed during the fit"))
             return False
-        if not update.empty:
+        if not update.empty and not job.abandoned:
             started = time.perf_counter()
             try:
                 self._apply(job, update)
             except UserError as exc:
+                # stop, and keep the job until the backend confirms, so the next fit finds it idle
+                job.abandoned = f"{exc}; the fit was stopped"
                 backend.stop_job()
-                self.job = None
-                self._set_failed(f"{exc}; the fit was stopped")
-                return False
+                self.status.state, self.status.message = "stopping", "stopping: an update could not be applied"
             self.status.apply_ms = (time.perf_counter() - started) * 1000.0
-        if update.failure is not None:
+        if job.abandoned and update.finished:
+            self.job = None
+            self._set_failed(job.abandoned)
+        elif update.failure is not None:
             self._finish_failed(update.failure)
         elif update.done is not None:
             self._finish_done(job, update.done)

@@ -208,3 +208,29 @@ def test_check_backend_with_missing_python(addon, prefs):
     prefs.backend_python = "/nonexistent/python"
     with pytest.raises(RuntimeError, match="Backend Python not found"):
         bpy.ops.sdshead.check_backend(wait=True)
+
+
+def test_deleting_the_head_mid_fit_stops_it_and_the_backend_takes_the_next_fit(head, prefs, fake_backend):
+    from blender_addon.controller import CONTROLLER
+
+    obj, names, weights = head
+    prefs.backend_python = fake_backend("slow")
+    assert bpy.ops.sdshead.fit() == {"FINISHED"}
+    while CONTROLLER.status.updates_applied < 2:
+        CONTROLLER.tick(wait=0.1)
+    pid = CONTROLLER.backend.pid
+    bpy.data.objects.remove(obj)
+    _run(10)
+    status = _status()
+    assert status.state == "failed"
+    assert "The head 'SDS Head' was deleted or lost its shape keys during the fit; the fit was stopped" in status.last_error
+    bpy.ops.mesh.primitive_cube_add()
+    cube = bpy.context.active_object
+    cube.shape_key_add(name="Basis")
+    cube.shape_key_add(name="wide")
+    assert bpy.ops.sdshead.fit() == {"FINISHED"}
+    while CONTROLLER.status.updates_applied < 2:
+        CONTROLLER.tick(wait=0.1)
+    assert CONTROLLER.backend.pid == pid          # same process, not 'busy'
+    assert CONTROLLER.status.state == "running"
+    assert cube.data.shape_keys.key_blocks["wide"].value > 0
