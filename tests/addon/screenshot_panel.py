@@ -68,6 +68,9 @@ def setup() -> None:
         space.overlay.show_axis_x = space.overlay.show_axis_y = False
         bpy.ops.view3d.view_axis(type="FRONT")
         bpy.ops.view3d.view_selected()
+    for other in window.screen.areas:  # the properties editor shows the shape keys moving
+        if other.type == "PROPERTIES":
+            other.spaces.active.context = "DATA"
     settings = bpy.context.scene.sdshead
     settings.prompt = args.prompt
     settings.negative_prompt = "blurry, deformed"
