@@ -13,16 +13,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .errors import UserError
+
 
 def _np():
     try:
         import numpy
     except ImportError:  # Debian's Blender uses the system numpy, which may be missing
-        raise RuntimeError("numpy is missing from Blender's Python (on Debian/Ubuntu: apt install python3-numpy)") from None
+        raise UserError("numpy is missing from Blender's Python (on Debian/Ubuntu: apt install python3-numpy)") from None
     return numpy
 
 
-class BundleError(ValueError):
+class BundleError(UserError):
     """A bundle the add-on cannot use; the message names the file and the field."""
 
 

@@ -85,14 +85,25 @@ def prefs(addon):
 
 @pytest.fixture(autouse=True)
 def clean_scene():
-    """Every test starts from an empty scene and ends with no fit running."""
+    """Every test starts from an empty scene and ends with no fit running. An idle backend stays up
+    for the next test (as it does between fits in Blender) unless it is a fake one; the session's
+    end closes it."""
     _empty_scene()
     yield
     from blender_addon import controller
 
-    controller.CONTROLLER.shutdown("test ended")
-    controller.CONTROLLER.status = controller.Status()
+    ctl = controller.CONTROLLER
+    if ctl.busy or (ctl.backend is not None and ctl.backend.settings.python != str(BACKEND_PYTHON)):
+        ctl.shutdown("test ended")
+    ctl.status = controller.Status()
     _empty_scene()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def close_backends_at_the_end():
+    yield
+    if "blender_addon.controller" in sys.modules:
+        sys.modules["blender_addon.controller"].CONTROLLER.shutdown("session ended")
 
 
 def _empty_scene():

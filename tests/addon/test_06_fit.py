@@ -24,7 +24,7 @@ def real(prefs, tiny_sd_dir):
     settings.prompt, settings.negative_prompt = "a bald old man with a big nose", "blurry"
     settings.render_size, settings.texture_size = 64, 64
     settings.event_every, settings.texture_every = 1, 2
-    settings.shape_steps, settings.texture_steps = 4, 4
+    settings.shape_steps, settings.texture_steps = 3, 2
     return prefs
 
 
@@ -63,7 +63,7 @@ def test_fit_changes_weights_and_pixels_then_reset_restores_them(real, head):
     assert bpy.ops.sdshead.fit() == {"FINISHED"}
     status = _run()
     assert status.state == "done", status.last_error
-    assert status.iterations_done == 8 and status.updates_applied >= 1 and status.textures_applied >= 1
+    assert status.iterations_done == 5 and status.updates_applied >= 1 and status.textures_applied >= 1
     after = scene.read_weights(obj, names)
     assert after != before
     assert after == pytest.approx(status.weights, abs=1e-6)           # the scene holds the backend's final weights

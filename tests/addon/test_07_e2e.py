@@ -64,8 +64,8 @@ def headless_run(tmp_path_factory, tiny_sd_dir, head_bundle):
                BLENDER_USER_SCRIPTS=str(out.parent / "scripts"))
     command = [BLENDER, "-b", "--factory-startup", "--python-exit-code", "1", "-P", str(HEADLESS), "--",
                "--prompt", "a bald old man with a big nose", "--out", str(out), "--bundle", str(head_bundle),
-               "--model", str(tiny_sd_dir), "--device", "cpu", "--stages", "shape,texture", "--steps", "6",
-               "--texture-steps", "4", "--render-size", "64", "--texture-size", "64", "--event-every", "1",
+               "--model", str(tiny_sd_dir), "--device", "cpu", "--stages", "shape,texture", "--steps", "3",
+               "--texture-steps", "2", "--render-size", "64", "--texture-size", "64", "--event-every", "1",
                "--texture-every", "2", "--glb", "--fbx", "--save", str(out / "head.blend")]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     return out, result, env
@@ -89,10 +89,10 @@ def test_headless_run_exits_0_and_writes_the_outputs(headless_run):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     for name in ("weights.json", "texture.png", "head.glb", "head.fbx", "head.blend"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
-    assert "[sds-head] shape 1/10" in result.stdout and "[sds-head] texture 10/10" in result.stdout
+    assert "[sds-head] shape 1/5" in result.stdout and "[sds-head] texture 5/5" in result.stdout
     record = json.loads((out / "weights.json").read_text())
     assert len(record["names"]) == len(record["weights"]) == 50
-    assert record["state"] == "done" and record["iterations"] == 10
+    assert record["state"] == "done" and record["iterations"] == 5
     assert any(abs(w) > 1e-4 for w in record["weights"])
 
 
