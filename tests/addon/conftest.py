@@ -19,6 +19,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 BACKEND_PYTHON = ROOT / ".venv" / "bin" / "python"
+# the interpreter that serves fits in the tests: the backend venv, or another build of the backend
+SERVE_PYTHON = Path(os.environ.get("SDS_HEAD_TEST_SERVE_PYTHON", BACKEND_PYTHON))
 BLENDER = shutil.which("blender")
 HERE = Path(__file__).resolve().parent
 
@@ -49,6 +51,8 @@ ADDON = "blender_addon"
 
 def backend_ready() -> str | None:
     """None when the real backend can serve, else why not."""
+    if "SDS_HEAD_TEST_SERVE_PYTHON" in os.environ:
+        return None
     if not BACKEND_PYTHON.is_file():
         return f"backend environment missing ({BACKEND_PYTHON}); run install.py"
     if not (ROOT / "sds_backend" / "server.py").is_file():
@@ -93,7 +97,7 @@ def clean_scene():
     from blender_addon import controller
 
     ctl = controller.CONTROLLER
-    if ctl.busy or (ctl.backend is not None and ctl.backend.settings.python != str(BACKEND_PYTHON)):
+    if ctl.busy or (ctl.backend is not None and ctl.backend.settings.python != str(SERVE_PYTHON)):
         ctl.shutdown("test ended")
     ctl.status = controller.Status()
     _empty_scene()

@@ -10,7 +10,7 @@ import bpy
 import numpy as np
 import pytest
 
-from conftest import BACKEND_PYTHON, backend_ready, pid_gone, processes_in_group, wait_until
+from conftest import BACKEND_PYTHON, SERVE_PYTHON, backend_ready, pid_gone, processes_in_group, wait_until
 
 
 @pytest.fixture
@@ -135,7 +135,7 @@ def _start_long_fit(kind: str, prefs, fake_backend, tiny_sd_dir_factory):
     if kind == "fake":
         prefs.backend_python = fake_backend("slow")
     else:
-        prefs.backend_python = str(BACKEND_PYTHON)
+        prefs.backend_python = str(SERVE_PYTHON)
         prefs.model = str(tiny_sd_dir_factory())
         prefs.device = "cpu"
         settings = bpy.context.scene.sdshead

@@ -9,14 +9,14 @@ import bpy
 import numpy as np
 import pytest
 
-from conftest import BACKEND_PYTHON, needs_backend
+from conftest import SERVE_PYTHON, needs_backend
 
 pytestmark = needs_backend
 
 
 @pytest.fixture
 def real(prefs, tiny_sd_dir):
-    prefs.backend_python = str(BACKEND_PYTHON)
+    prefs.backend_python = str(SERVE_PYTHON)
     prefs.model = str(tiny_sd_dir)
     prefs.device = "cpu"
     prefs.timeout = 120
@@ -24,7 +24,7 @@ def real(prefs, tiny_sd_dir):
     settings.prompt, settings.negative_prompt = "a bald old man with a big nose", "blurry"
     settings.render_size, settings.texture_size = 64, 64
     settings.event_every, settings.texture_every = 1, 2
-    settings.shape_steps, settings.texture_steps = 3, 2
+    settings.shape_steps, settings.texture_steps = 2, 2
     return prefs
 
 
@@ -63,7 +63,7 @@ def test_fit_changes_weights_and_pixels_then_reset_restores_them(real, head):
     assert bpy.ops.sdshead.fit() == {"FINISHED"}
     status = _run()
     assert status.state == "done", status.last_error
-    assert status.iterations_done == 5 and status.updates_applied >= 1 and status.textures_applied >= 1
+    assert status.iterations_done == 4 and status.updates_applied >= 1 and status.textures_applied >= 1
     after = scene.read_weights(obj, names)
     assert after != before
     assert after == pytest.approx(status.weights, abs=1e-6)           # the scene holds the backend's final weights
@@ -92,7 +92,7 @@ def test_stop_ends_the_fit_within_one_iteration(real, head):
     bpy.context.scene.sdshead.shape_steps = 5000
     assert bpy.ops.sdshead.fit() == {"FINISHED"}
     deadline = time.monotonic() + 120
-    while CONTROLLER.status.updates_applied < 3 and time.monotonic() < deadline:
+    while CONTROLLER.status.updates_applied < 2 and time.monotonic() < deadline:
         CONTROLLER.tick(wait=0.1)
     first_iteration, first_seconds = CONTROLLER.status.iteration, CONTROLLER.status.seconds
     CONTROLLER.tick(wait=0.0)
@@ -114,6 +114,7 @@ def test_stop_ends_the_fit_within_one_iteration(real, head):
 def test_second_fit_reuses_the_running_backend(real, head):
     from blender_addon.controller import CONTROLLER
 
+    bpy.context.scene.sdshead.shape_steps = 1
     assert bpy.ops.sdshead.fit() == {"FINISHED"}
     pid = CONTROLLER.backend.pid
     assert _run().state == "done"
@@ -151,6 +152,7 @@ def test_any_mesh_with_shape_keys_can_be_fitted(real, addon):
         co = np.empty(len(obj.data.vertices) * 3, np.float32)
         kb.data.foreach_get("co", co)
         kb.data.foreach_set("co", co + rng.normal(scale=0.05, size=co.size).astype(np.float32))
+    bpy.context.scene.sdshead.shape_steps = 1
     assert bpy.ops.sdshead.fit() == {"FINISHED"}
     status = _run()
     assert status.state == "done", status.last_error

@@ -18,7 +18,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from conftest import BLENDER, ROOT, needs_backend, needs_blender
+from conftest import BLENDER, ROOT, SERVE_PYTHON, needs_backend, needs_blender
 
 pytestmark = [needs_blender, needs_backend, pytest.mark.blender]
 HEADLESS = ROOT / "blender_addon" / "headless.py"
@@ -39,7 +39,7 @@ IMPORT_SCRIPT = textwrap.dedent('''
         bpy.ops.import_scene.fbx(filepath=path)
     else:
         bpy.ops.wm.open_mainfile(filepath=path)
-    meshes = [o for o in bpy.data.objects if o.type == "MESH"]
+    meshes = [o for o in bpy.data.objects if o.type == "MESH" and o.data.shape_keys is not None]
     obj = meshes[0]
     keys = {kb.name: kb.value for kb in obj.data.shape_keys.key_blocks[1:]}
     images = []
@@ -64,7 +64,7 @@ def headless_run(tmp_path_factory, tiny_sd_dir, head_bundle):
                BLENDER_USER_SCRIPTS=str(out.parent / "scripts"))
     command = [BLENDER, "-b", "--factory-startup", "--python-exit-code", "1", "-P", str(HEADLESS), "--",
                "--prompt", "a bald old man with a big nose", "--out", str(out), "--bundle", str(head_bundle),
-               "--model", str(tiny_sd_dir), "--device", "cpu", "--stages", "shape,texture", "--steps", "3",
+               "--model", str(tiny_sd_dir), "--device", "cpu", "--backend-python", str(SERVE_PYTHON), "--stages", "shape,texture", "--steps", "3",
                "--texture-steps", "2", "--render-size", "64", "--texture-size", "64", "--event-every", "1",
                "--texture-every", "2", "--glb", "--fbx", "--save", str(out / "head.blend")]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
