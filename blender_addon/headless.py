@@ -74,12 +74,20 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def addon_package() -> str:
-    """The add-on's package name: an enabled install of this very folder, else the repository's."""
-    for name in bpy.context.preferences.addons.keys():
+    """The add-on's package name: an enabled install of this very folder (a link install), else this
+    folder imported from its parent. Another enabled SDS Head (an older copy or extension) is
+    disabled for this run only, so one set of classes is registered."""
+    import addon_utils
+
+    for name in list(bpy.context.preferences.addons.keys()):
         module = sys.modules.get(name)
-        if module is not None and getattr(module, "__file__", None) and \
-                Path(module.__file__).resolve().parent == ADDON_DIR:
+        path = getattr(module, "__file__", None) if module is not None else None
+        if not path or getattr(module, "bl_info", {}).get("name") != "SDS Head":
+            continue
+        if Path(path).resolve().parent == ADDON_DIR:
             return name
+        say(f"disabling the installed add-on {name} ({Path(path).parent}) for this run")
+        addon_utils.disable(name, default_set=False)
     root = str(ADDON_DIR.parent)
     if root not in sys.path:
         sys.path.insert(0, root)

@@ -192,3 +192,23 @@ def test_quitting_blender_mid_fit_ends_the_backend(tmp_path, blender_env, synthe
     assert result.returncode == 0, result.stderr
     pid = int(re.search(r"BACKEND_PID (\d+)", result.stdout).group(1))
     assert wait_until(lambda: pid_gone(pid), 5), "backend outlived Blender"
+
+
+@pytest.mark.parametrize("mode", ["link", "copy"])
+def test_headless_with_the_addon_installed(tmp_path, blender_env, synthetic_bundle, mode):
+    """A link install is this very folder: headless uses it and its saved preferences. A copy is
+    another SDS Head: headless disables it for the run and uses the repository's code."""
+    installer = ROOT / "blender_addon" / "install_into_blender.py"
+    done = blender(["-P", installer, "--", "--addon-dir", ROOT / "blender_addon", "--backend-python",
+                    "/opt/installed/python", "--mode", mode], blender_env, factory=False)
+    assert done.returncode == 0, done.stderr
+    prompt = "a head" if mode == "link" else " "   # the copy case stops at the prompt check: no backend starts
+    result = blender(["-P", HEADLESS, "--", "--prompt", prompt] + _out_args(tmp_path, synthetic_bundle),
+                     blender_env, factory=False)
+    assert result.returncode == 3, result.stdout + result.stderr
+    if mode == "link":
+        assert "disabling" not in result.stdout
+        assert "Backend Python not found: /opt/installed/python" in result.stderr   # the saved preference
+    else:
+        assert "disabling the installed add-on sds_head" in result.stdout
+        assert "Prompt is empty" in result.stderr
