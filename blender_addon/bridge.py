@@ -301,8 +301,12 @@ class Backend:
 
     def _read_stderr(self, stream) -> None:
         try:
-            for raw in iter(stream.readline, b""):
-                text = raw.decode("utf-8", errors="replace").rstrip("\r\n")
+            while True:
+                raw = stream.readline(8192)
+                if not raw:
+                    break
+                # progress bars redraw with \r: keep the last state of the line
+                text = raw.decode("utf-8", errors="replace").rstrip("\r\n").rsplit("\r", 1)[-1]
                 with self._stderr_lock:
                     self._stderr.append(text)
                 if self.settings.echo_stderr:
