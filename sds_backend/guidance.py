@@ -24,9 +24,10 @@ new prompt, and keeping it off the accelerator frees its memory while a new prom
 """
 from __future__ import annotations
 
+import copy
 import os
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Literal, Sequence, get_args
 
@@ -390,6 +391,20 @@ class StableDiffusionGuidance:
         vae_dtype = torch.float32 if config.vae_float32 else dtype
         model_id = getattr(pipe, "name_or_path", None) or config.model
         return cls(_freeze(pipe, model_id, dtype, device, vae_dtype), config, noise_predictor)
+
+    def with_settings(self, **changes: Any) -> "StableDiffusionGuidance":
+        """The same loaded model, compiled UNet and prompt cache with some SDS settings changed.
+
+        Only settings that do not touch the loaded modules may change: guidance_scale,
+        timesteps, weighting, view_prompts. Cheap: nothing is loaded or encoded again.
+        """
+        allowed = {"guidance_scale", "timesteps", "weighting", "view_prompts"}
+        unknown = sorted(set(changes) - allowed)
+        if unknown:
+            raise ValueError(f"with_settings: cannot change {unknown} on a loaded model; allowed: {sorted(allowed)}")
+        clone = copy.copy(self)
+        clone.config = replace(self.config, **changes)
+        return clone
 
     # ------------------------------------------------------------------------------ prompts
     def set_prompt(self, prompt: str, negative_prompt: str = "") -> None:

@@ -5,6 +5,11 @@ text encoder, a cross-attention UNet on 4-channel latents, an AutoencoderKL with
 downsampling and scaling factor, the SD 1.5 noise schedule) and is saved with
 `save_pretrained`, so tests load it through the same `from_pretrained` path as a real model.
 Nothing here touches the network.
+
+The UNet and text encoder stay random. The VAE gets a short autoencoder fit on smooth random
+images (seconds on a CPU): a random encoder scrambles colour so badly that no texture can be
+recovered through it, while the real SD VAE is an autoencoder whose latents carry the image.
+The fit is seeded, so the same seed gives the same model.
 """
 from __future__ import annotations
 
@@ -31,8 +36,9 @@ def build_tokenizer():
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
 
 
-def build_pipeline(seed: int = 0, text_hidden: int = 32, unet_channels: tuple[int, ...] = (32, 64)):
-    """Tiny random StableDiffusionPipeline on CPU in float32."""
+def build_pipeline(seed: int = 0, text_hidden: int = 32, unet_channels: tuple[int, ...] = (32, 64),
+                   vae_fit_steps: int = 300):
+    """Tiny StableDiffusionPipeline on CPU in float32 (random UNet/text encoder, briefly fitted VAE)."""
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -59,6 +65,8 @@ def build_pipeline(seed: int = 0, text_hidden: int = 32, unet_channels: tuple[in
         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
         sample_size=256, scaling_factor=0.18215,
     )
+    if vae_fit_steps:
+        _fit_autoencoder(vae, vae_fit_steps, seed)
     scheduler = DDIMScheduler(**SD_SCHEDULER_CONFIG)
     return StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
@@ -66,8 +74,56 @@ def build_pipeline(seed: int = 0, text_hidden: int = 32, unet_channels: tuple[in
     )
 
 
+def _fit_autoencoder(vae, steps: int, seed: int, size: int = 64, batch: int = 8) -> None:
+    """Fit the VAE to reconstruct smooth random colour fields (what head renders look like to it)."""
+    import torch.nn.functional as F
+
+    generator = torch.Generator().manual_seed(seed + 3)
+    optimizer = torch.optim.Adam(vae.parameters(), lr=2e-3)
+    vae.train()
+    for _ in range(steps):
+        grids = [torch.rand(batch // 4, 3, cells, cells, generator=generator) for cells in (2, 4, 8, 16)]
+        images = torch.cat([F.interpolate(g, size=size, mode="bilinear", align_corners=False) for g in grids]) * 2 - 1
+        posterior = vae.encode(images).latent_dist
+        loss = F.mse_loss(vae.decode(posterior.mean).sample, images) + 1e-6 * posterior.kl().mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    vae.eval()
+
+
 def save_tiny_sd(folder: str | Path, seed: int = 0) -> Path:
-    """Build the tiny pipeline and save it to `folder` (about 8 MB); returns the folder."""
+    """Build the tiny pipeline and save it to `folder` (about 4 MB); returns the folder."""
     folder = Path(folder)
     build_pipeline(seed).save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def cached_tiny_sd(seed: int = 0) -> Path:
+    """The tiny model folder for `seed`, built once per machine into the user cache.
+
+    The cache key includes a hash of this file, so changing the builder rebuilds the model.
+    $SDS_HEAD_CACHE overrides the cache root (default ~/.cache/sds-head).
+    """
+    import hashlib
+    import os
+    import shutil
+    import tempfile
+
+    digest = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:12]
+    root = Path(os.environ.get("SDS_HEAD_CACHE", Path.home() / ".cache" / "sds-head"))
+    folder = root / f"tiny-sd-{digest}-seed{seed}"
+    if (folder / "model_index.json").exists():
+        return folder
+    root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=root, prefix=".building-"))
+    try:
+        save_tiny_sd(staging, seed)
+        try:
+            staging.rename(folder)            # atomic: parallel builders never see half a model
+        except OSError:
+            if not (folder / "model_index.json").exists():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return folder

@@ -26,11 +26,14 @@ socket.socket.connect = _local_only_connect
 
 
 @pytest.fixture(scope="session")
-def tiny_sd_dir(tmp_path_factory):
-    """A tiny random SD pipeline saved with save_pretrained, loaded like a real model folder."""
-    from sds_backend.tiny_sd import save_tiny_sd
+def tiny_sd_dir():
+    """A tiny SD pipeline saved with save_pretrained, loaded like a real model folder.
 
-    return save_tiny_sd(tmp_path_factory.mktemp("tiny_sd") / "model")
+    Built once per machine into the user cache (a fitted tiny VAE takes a few seconds to make).
+    """
+    from sds_backend.tiny_sd import cached_tiny_sd
+
+    return cached_tiny_sd()
 
 
 @pytest.fixture(autouse=True, scope="session")
