@@ -161,10 +161,11 @@ def check_message(message: Any, allowed_types: tuple[str, ...] | None = None) ->
     if version != PROTOCOL_VERSION:
         raise ProtocolError("bad_message", f"field 'v' must be {PROTOCOL_VERSION}, got {version!r}")
     kind = message.get("type")
+    accepted = allowed_types or tuple(SCHEMAS)
     if kind not in SCHEMAS:
-        raise ProtocolError("bad_message", f"unknown message type {kind!r}; expected one of {', '.join(SCHEMAS)}")
-    if allowed_types is not None and kind not in allowed_types:
-        raise ProtocolError("bad_message", f"message type {kind!r} is not accepted here; expected one of {', '.join(allowed_types)}")
+        raise ProtocolError("bad_message", f"unknown message type {kind!r}; expected one of {', '.join(accepted)}")
+    if kind not in accepted:
+        raise ProtocolError("bad_message", f"message type {kind!r} is not accepted here; expected one of {', '.join(accepted)}")
     schema = SCHEMAS[kind]
     for name, (check, required, description) in schema.items():
         if name not in message:

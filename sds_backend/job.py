@@ -1,0 +1,139 @@
+"""One fit job from request to files on disk, shared by the CLI and the stdio server.
+
+`Backend` keeps what is expensive to load (diffusion models, bundles) across jobs, so a
+long-running server pays for a model once. `Backend.run` validates the request before any
+model work, runs the Fitter and writes the outputs.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from . import __version__, export
+from .fit import FitConfig, FitEvent, Fitter, FitResult, check_prompt, load_checkpoint
+from .guidance import DiffusionModel, GuidanceConfig, StableDiffusionGuidance, default_model_id, resolve_dtype, load_model
+from .morphable import MorphableModel
+
+log = logging.getLogger("sds_backend")
+DEFAULT_BUNDLE = Path(__file__).resolve().parent.parent / "assets" / "default_head.npz"
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' -> CUDA when torch sees a GPU, else CPU; 'cuda' without one is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"device: expected auto, cpu or cuda[:N], got {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device: cuda was asked for, but torch sees no CUDA GPU here (use --device cpu or auto)")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device: expected auto, cpu or cuda[:N], got {name!r}")
+    return device
+
+
+def describe_device(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return "cpu"
+
+
+@dataclass(frozen=True)
+class FitRequest:
+    prompt: str
+    out_dir: Path
+    negative_prompt: str = ""
+    model: str | None = None                 # hub id or folder; None = $SDS_HEAD_MODEL or SD 1.5
+    bundle: str | None = None                # .npz path; None = the default head
+    initial_weights: list[float] | None = None
+    config: FitConfig = field(default_factory=FitConfig)
+    resume: bool = False                     # continue from out_dir/checkpoint.pt when it exists
+    export_expressions: bool = False         # add the bundle's expression targets to head.glb
+
+
+@dataclass
+class JobResult:
+    result: FitResult
+    outputs: dict[str, str]                  # name -> path
+
+
+class Backend:
+    """Loaded models and bundles for one device, reused across jobs."""
+
+    def __init__(self, device: torch.device, models: dict[str, DiffusionModel] | None = None):
+        self.device = device
+        self._models: dict[str, DiffusionModel] = dict(models or {})
+        self._bundles: dict[tuple[str, float], MorphableModel] = {}
+
+    def diffusion_model(self, model: str | None) -> DiffusionModel:
+        """Load (once) the diffusion model; raises guidance.ModelLoadError with advice."""
+        model = model or default_model_id()
+        if model not in self._models:
+            log.info("loading diffusion model %s on %s", model, self.device)
+            dtype = resolve_dtype("auto", self.device)
+            self._models = {model: load_model(model, dtype, self.device)}   # keep one: accelerator memory
+        return self._models[model]
+
+    def bundle(self, path: str | None) -> MorphableModel:
+        """Load (once per file version) a morphable bundle; raises morphable.BundleError."""
+        path = Path(path).expanduser() if path else DEFAULT_BUNDLE
+        key = (str(path.resolve()), path.stat().st_mtime if path.exists() else 0.0)
+        if key not in self._bundles:
+            self._bundles = {key: MorphableModel.load(path)}
+        return self._bundles[key]
+
+    def run(self, request: FitRequest, on_event: Callable[[FitEvent], None] | None = None,
+            should_stop: Callable[[], bool] | None = None) -> JobResult:
+        check_prompt(request.prompt, request.negative_prompt)
+        model = self.bundle(request.bundle)
+        if request.initial_weights is not None and len(request.initial_weights) != model.num_components:
+            raise ValueError(f"initial_weights: expected {model.num_components} values (one per component of "
+                             f"the bundle), got {len(request.initial_weights)}")
+        if "texture" in request.config.stages and not model.uv.any():
+            raise ValueError("stages: the texture stage needs UV coordinates, and this mesh has none")
+        out_dir = Path(request.out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        diffusion = self.diffusion_model(request.model)
+        guidance = StableDiffusionGuidance(diffusion, GuidanceConfig(model=diffusion.model_id))
+        fitter = Fitter(model, guidance, request.config, self.device)
+        checkpoint = out_dir / "checkpoint.pt"
+        state = None
+        if request.resume and checkpoint.exists():
+            state = load_checkpoint(checkpoint, fitter, request.prompt, request.negative_prompt)
+            log.info("resuming from %s at stage %d, step %d", checkpoint, state.stage_index, state.step)
+        result = fitter.run(request.prompt, request.negative_prompt, request.initial_weights, on_event, should_stop,
+                            state=state, checkpoint=checkpoint)
+        outputs = write_outputs(out_dir, model, result, request, diffusion.model_id)
+        outputs["checkpoint"] = str(checkpoint)
+        return JobResult(result, outputs)
+
+
+def write_outputs(out_dir: Path, model: MorphableModel, result: FitResult, request: FitRequest,
+                  model_id: str) -> dict[str, str]:
+    """weights.json, texture.png (texture stage only), evolution.gif, head.glb and fit.json."""
+    outputs = {"weights": out_dir / "weights.json", "gif": out_dir / "evolution.gif", "glb": out_dir / "head.glb",
+               "fit": out_dir / "fit.json"}
+    export.write_weights_json(outputs["weights"], model.names, result.weights)
+    if result.texture is not None:
+        outputs["texture"] = out_dir / "texture.png"
+        export.write_texture_png(outputs["texture"], result.texture)
+    frames = export.resample_snapshots(result.snapshots, request.config.gif_frames)
+    if not frames:   # stopped before the first snapshot: the current state, repeated
+        frames = [None] * request.config.gif_frames
+    export.write_evolution_gif(outputs["gif"], model, [
+        (s.weights, s.texture) if s is not None else (result.weights, None) for s in frames])
+    export.write_glb(outputs["glb"], model, result.weights, result.texture, request.export_expressions)
+    export.write_json(outputs["fit"], {
+        "prompt": request.prompt, "negative_prompt": request.negative_prompt, "model": model_id,
+        "bundle": str(request.bundle or DEFAULT_BUNDLE), "config": request.config.to_dict(),
+        "iterations": result.iterations, "stopped": result.stopped, "seconds": round(result.seconds, 3),
+        "final_loss": result.losses[-1] if result.losses else None, "sds_head_version": __version__,
+        "torch": torch.__version__, "weights": {n: float(w) for n, w in zip(model.names, np.asarray(result.weights))},
+    })
+    return {name: str(path) for name, path in outputs.items()}

@@ -1,0 +1,202 @@
+"""`python -m sds_backend serve`: the JSON-lines protocol on stdin/stdout (see protocol.py).
+
+Threads: a reader thread parses stdin, answers malformed lines at once, turns `stop` into a
+flag the running fit polls every iteration, and queues `fit`/`shutdown` for the main thread,
+which runs one fit at a time. stdout carries protocol lines only (one lock, one writer);
+logging goes to stderr. A `fit` that arrives while another runs gets a `busy` error.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import queue
+import sys
+import tempfile
+import threading
+import traceback
+from pathlib import Path
+from typing import BinaryIO, TextIO
+
+from . import __version__, protocol
+
+log = logging.getLogger("sds_backend")
+KEEP_TEXTURES = 3   # live texture PNGs kept per job: the client may still be reading the previous one
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    parser.add_argument("--log-level", default="INFO", help="stderr log level")
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(message)s")
+    return Server(args.device, sys.stdin.buffer, sys.stdout).serve()
+
+
+class Server:
+    def __init__(self, device_name: str, stdin: BinaryIO, stdout: TextIO):
+        self.device_name = device_name
+        self.stdin = stdin
+        self.stdout = stdout
+        self._write_lock = threading.Lock()
+        self._requests: "queue.Queue[dict | None]" = queue.Queue()
+        self._stop = threading.Event()
+        self._busy_id: str | None = None
+        self._busy_lock = threading.Lock()
+
+    # ------------------------------------------------------------------------------ output
+    def send(self, message_type: str, **fields) -> None:
+        line = protocol.encode(message_type, **fields)
+        with self._write_lock:
+            self.stdout.write(line + "\n")
+            self.stdout.flush()
+
+    def send_error(self, kind: str, message: str, job_id: str | None = None, recoverable: bool = True,
+                   trace: str | None = None) -> None:
+        fields = {"id": job_id, "kind": kind, "message": message, "recoverable": recoverable}
+        if trace:
+            fields["traceback"] = trace
+        self.send("error", **fields)
+
+    # ------------------------------------------------------------------------------ main
+    def serve(self) -> int:
+        import torch
+        import diffusers
+
+        from .guidance import default_model_id
+        from .job import Backend, describe_device, resolve_device
+
+        try:
+            device = resolve_device(self.device_name)
+        except ValueError as exc:
+            self.send_error("bad_request", str(exc), recoverable=False)
+            return 2
+        self.backend = Backend(device)
+        self.send("hello", version=__version__, protocol=protocol.PROTOCOL_VERSION, device=describe_device(device),
+                  model=default_model_id(), torch=torch.__version__, diffusers=diffusers.__version__, pid=os.getpid())
+        threading.Thread(target=self._read_loop, name="stdin-reader", daemon=True).start()
+        while True:
+            request = self._requests.get()
+            if request is None or request["type"] == "shutdown":
+                log.info("shutting down")
+                return 0
+            self._run_fit(request)
+
+    def _read_loop(self) -> None:
+        """Parse stdin; answer bad lines; flag stops; queue fits and shutdown. EOF means shutdown."""
+        while True:
+            try:
+                line = self.stdin.readline(protocol.MAX_LINE_BYTES + 1)
+            except (OSError, ValueError):
+                line = b""
+            if not line:
+                self._stop.set()
+                self._requests.put(None)
+                return
+            if len(line) > protocol.MAX_LINE_BYTES and not line.endswith(b"\n"):
+                self._discard_rest_of_line()
+                self.send_error("bad_message", f"line exceeds the {protocol.MAX_LINE_BYTES}-byte limit; ignored")
+                continue
+            if not line.strip():
+                continue
+            try:
+                message = protocol.decode(line.rstrip(b"\r\n"), allowed_types=protocol.CLIENT_TYPES)
+            except protocol.ProtocolError as exc:
+                self.send_error(exc.kind, str(exc))
+                continue
+            kind = message["type"]
+            if kind == "stop":
+                with self._busy_lock:
+                    running = self._busy_id
+                wanted = message.get("id")
+                if running is not None and wanted in (None, running):
+                    self._stop.set()
+                elif running is None:
+                    self.send_error("bad_request", "stop: no fit is running", job_id=wanted)
+                else:
+                    self.send_error("bad_request", f"stop: job {wanted!r} is not running (running: {running!r})",
+                                    job_id=wanted)
+            elif kind == "shutdown":
+                self._stop.set()
+                self._requests.put(message)
+                return
+            else:
+                with self._busy_lock:
+                    busy = self._busy_id is not None or not self._requests.empty()
+                    if not busy:
+                        self._busy_id = message["id"]
+                if busy:
+                    self.send_error("busy", "a fit is already running; send stop first or wait for its done",
+                                    job_id=message["id"])
+                else:
+                    self._stop.clear()
+                    self._requests.put(message)
+
+    def _discard_rest_of_line(self) -> None:
+        while True:
+            chunk = self.stdin.readline(protocol.MAX_LINE_BYTES)
+            if not chunk or chunk.endswith(b"\n"):
+                return
+
+    # ------------------------------------------------------------------------------ fit
+    def _run_fit(self, message: dict) -> None:
+        from .fit import FitConfig, ProgressEvent
+        from .guidance import ModelLoadError
+        from .job import FitRequest
+        from .morphable import BundleError
+
+        job_id = message["id"]
+        try:
+            try:
+                config = FitConfig.from_dict(message.get("config") or {})
+                job_dir = Path(message.get("job_dir") or Path(tempfile.gettempdir()) / "sds-head-jobs" / _safe(job_id))
+                request = FitRequest(prompt=message["prompt"], negative_prompt=message.get("negative_prompt") or "",
+                                     out_dir=job_dir, model=message.get("model"), bundle=message.get("bundle"),
+                                     initial_weights=message.get("initial_weights"), config=config)
+                textures: list[Path] = []
+
+                def on_event(event) -> None:
+                    if isinstance(event, ProgressEvent):
+                        self.send("progress", id=job_id, iteration=event.iteration, total=event.total,
+                                  stage=event.stage, loss=_finite_or_none(event.loss), t=_finite_or_none(event.t),
+                                  weights=[float(w) for w in event.weights], seconds=round(event.seconds, 3))
+                    else:
+                        path = job_dir / f"texture_{event.iteration:06d}.png"
+                        from .export import write_texture_png
+
+                        write_texture_png(path, event.texture)
+                        textures.append(path)
+                        while len(textures) > KEEP_TEXTURES:
+                            textures.pop(0).unlink(missing_ok=True)
+                        self.send("texture", id=job_id, iteration=event.iteration, path=str(path))
+
+                job = self.backend.run(request, on_event=on_event, should_stop=self._stop.is_set)
+            except ModelLoadError as exc:
+                self.send_error("model_error", str(exc), job_id)
+                return
+            except BundleError as exc:
+                self.send_error("bundle_error", str(exc), job_id)
+                return
+            except (ValueError, TypeError) as exc:
+                self.send_error("bad_request", str(exc), job_id)
+                return
+            except Exception as exc:  # a bug or a resource failure: report it, keep serving
+                log.exception("fit %s failed", job_id)
+                self.send_error("internal", f"{type(exc).__name__}: {exc}", job_id, trace=traceback.format_exc())
+                return
+            result = job.result
+            self.send("done", id=job_id, weights=[float(w) for w in result.weights], outputs=job.outputs,
+                      stopped=result.stopped, iterations=result.iterations, seconds=round(result.seconds, 3))
+        finally:
+            with self._busy_lock:
+                self._busy_id = None
+
+
+def _safe(job_id: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in job_id)[:80] or "job"
+
+
+def _finite_or_none(value: float) -> float | None:
+    return value if value == value and abs(value) != float("inf") else None
