@@ -319,7 +319,10 @@ class Backend:
         line = protocol.encode(message_type, **fields) + "\n"
         proc = self._proc
         if proc is None or proc.stdin is None or not self.alive:
-            raise BackendFailure("backend_died", "the backend process is not running")
+            code = None if proc is None else proc.poll()
+            time.sleep(0.1)  # let the stderr reader catch the last words
+            raise BackendFailure("backend_died", f"the backend process is not running ({_describe_exit(code)})",
+                                 stderr_tail=self.stderr_tail())
         try:
             proc.stdin.write(line.encode("utf-8"))
             proc.stdin.flush()

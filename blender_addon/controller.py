@@ -320,7 +320,13 @@ class FitController:
                 status.state = "running"
                 status.message = f"{p['stage']} {p['iteration']}/{p['total']}"
         if update.texture is not None and update.done is None:
-            self._apply_texture(job, update.texture["path"], update.texture_data)
+            path = update.texture["path"]
+            if update.texture_data is None and not os.path.isfile(path):
+                # the backend keeps only its newest few textures: a UI that fell far behind skips one
+                log.warning("texture %s is gone; waiting for the next one", path)
+                status.updates_superseded += 1
+            else:
+                self._apply_texture(job, path, update.texture_data)
         if update.done is not None:
             done = update.done
             if done["weights"]:

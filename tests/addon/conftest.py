@@ -159,13 +159,16 @@ def fake_backend(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="session")
-def tiny_sd_dir(tmp_path_factory) -> Path:
-    """A tiny random Stable Diffusion folder made by the backend's own CLI."""
+def tiny_sd_dir() -> Path:
+    """The tiny random Stable Diffusion folder, the per-machine cached copy the backend's CLI
+    builds once (`python -m sds_backend make-tiny-sd` prints its folder)."""
     if not BACKEND_PYTHON.is_file():
         pytest.skip(f"backend environment missing ({BACKEND_PYTHON}); run install.py")
-    folder = tmp_path_factory.mktemp("tiny_sd") / "model"
-    subprocess.run([str(BACKEND_PYTHON), "-m", "sds_backend", "make-tiny-sd", str(folder)], check=True, cwd=ROOT,
-                   timeout=300, capture_output=True)
+    result = subprocess.run([str(BACKEND_PYTHON), "-m", "sds_backend", "make-tiny-sd"], cwd=ROOT, timeout=600,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    folder = Path(result.stdout.strip().splitlines()[-1])
+    assert (folder / "model_index.json").is_file(), folder
     return folder
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BLENDER, ROOT, needs_blender, pid_gone, wait_until
+from conftest import BLENDER, ROOT, SERVE_PYTHON, needs_backend, needs_blender, pid_gone, wait_until
 
 pytestmark = [needs_blender, pytest.mark.blender]
 HEADLESS = ROOT / "blender_addon" / "headless.py"
@@ -171,11 +171,15 @@ def test_headless_sigkilled_backend_exits_4(tmp_path, blender_env, synthetic_bun
     assert "killed by signal SIGKILL" in err
 
 
-@pytest.mark.parametrize("mode", ["slow", "stubborn"])
-def test_quitting_blender_mid_fit_ends_the_backend(tmp_path, blender_env, synthetic_bundle, fake_backend, mode):
+@pytest.mark.parametrize("mode", ["slow", "stubborn", pytest.param("real", marks=needs_backend)])
+def test_quitting_blender_mid_fit_ends_the_backend(tmp_path, blender_env, synthetic_bundle, fake_backend, mode,
+                                                   request):
     """The script starts a fit and returns; Blender quits (-b) while the backend runs: the bridge's atexit
-    hook ends it (the stubborn backend ignores stdin and SIGTERM, so only the hook's SIGKILL ends it)."""
-    python = fake_backend(mode)
+    hook ends it (the stubborn fake ignores stdin and SIGTERM, so only the hook's SIGKILL ends it)."""
+    if mode == "real":
+        python, model, steps = str(SERVE_PYTHON), str(request.getfixturevalue("tiny_sd_dir")), 100000
+    else:
+        python, model, steps = fake_backend(mode), "", 200
     result = blender_script(tmp_path, f"""
         import sys, time
         sys.path.insert(0, {str(ROOT)!r})
@@ -184,12 +188,16 @@ def test_quitting_blender_mid_fit_ends_the_backend(tmp_path, blender_env, synthe
         from blender_addon import bridge, bundle_io, controller, scene
         obj = scene.build_head(bundle_io.load({str(synthetic_bundle)!r}))
         ctl = controller.CONTROLLER
-        ctl.start_fit(obj, controller.FitInputs(prompt="x"), bridge.BackendSettings(python={python!r}))
-        while ctl.status.updates_applied < 2:
+        inputs = controller.FitInputs(prompt="x", model={model!r}, shape_steps={steps}, render_size=64, event_every=1)
+        ctl.start_fit(obj, inputs, bridge.BackendSettings(python={python!r}, device="cpu"))
+        deadline = time.monotonic() + 120
+        while ctl.status.updates_applied < 2 and ctl.busy and time.monotonic() < deadline:
             ctl.tick(wait=0.2)
+        print("STATE", ctl.status.state, ctl.status.last_error, flush=True)
         print("BACKEND_PID", ctl.backend.pid, flush=True)
-    """, dict(blender_env, SDS_FAKE_MODE=mode))
+    """, dict(blender_env, SDS_FAKE_MODE=mode), timeout=180)
     assert result.returncode == 0, result.stderr
+    assert "STATE running" in result.stdout, result.stdout[-2000:]
     pid = int(re.search(r"BACKEND_PID (\d+)", result.stdout).group(1))
     assert wait_until(lambda: pid_gone(pid), 5), "backend outlived Blender"
 

@@ -157,3 +157,16 @@ def test_saved_blend_keeps_values_and_packed_texture(headless_run):
     _check_keys(imported, json.loads((out / "weights.json").read_text()))
     assert imported["images"][0]["packed"]
     _check_texture(imported, out)
+
+
+def test_headless_model_the_backend_cannot_load_exits_4(tmp_path, head_bundle):
+    empty = tmp_path / "not-a-model"
+    empty.mkdir()
+    env = dict(os.environ, BLENDER_USER_CONFIG=str(tmp_path / "config"), BLENDER_USER_SCRIPTS=str(tmp_path / "scripts"))
+    command = [BLENDER, "-b", "--factory-startup", "--python-exit-code", "1", "-P", str(HEADLESS), "--",
+               "--prompt", "a head", "--out", str(tmp_path / "out"), "--bundle", str(head_bundle),
+               "--model", str(empty), "--device", "cpu", "--backend-python", str(SERVE_PYTHON)]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 4, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "error: Model could not be loaded:" in result.stderr
+    assert not (tmp_path / "out" / "weights.json").exists()
