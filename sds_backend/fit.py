@@ -80,7 +80,9 @@ class FitConfig:
     batch_size: int = 1
     """Views rendered per iteration."""
     render_size: int = 256
-    """Side of the square render in pixels (the guidance resizes it to the model's resolution)."""
+    """Side of the square render in pixels (the guidance resizes it to `guidance_resolution`)."""
+    guidance_resolution: int | None = None
+    """Side the render is resized to before VAE encoding; None = the model's own (512 for SD 1.5)."""
     texture_size: int = 512
     """Side of the square UV texture in texels."""
     texture_param: TextureParam = "pyramid"
@@ -154,6 +156,10 @@ def check_fit_config(config: FitConfig) -> None:
             fail(name, f"an integer in [{low}, {high}]")
     if not is_int(config.seed):
         fail("seed", "an integer")
+    if config.guidance_resolution is not None and (not is_int(config.guidance_resolution)
+                                                   or not 64 <= config.guidance_resolution <= 2048
+                                                   or config.guidance_resolution % 8):
+        fail("guidance_resolution", "null or a multiple of 8 in [64, 2048]")
     for name in ("lr", "texture_lr", "lr_decay"):
         if not is_number(getattr(config, name)) or not 0 < getattr(config, name) <= 10:
             fail(name, "a number in (0, 10]")
@@ -175,17 +181,17 @@ def check_fit_config(config: FitConfig) -> None:
             fail(name, "a pair [low, high] with low <= high")
     if not 0 < config.zoom_range[0]:
         fail("zoom_range", "positive values")
-    if not -89 <= config.pitch_range[0] and config.pitch_range[1] <= 89:
+    if not (-89 <= config.pitch_range[0] and config.pitch_range[1] <= 89):
         fail("pitch_range", "values within [-89, 89]")
     for name in ("t_min", "t_max"):
         if not is_number(getattr(config, name)) or not 0 <= getattr(config, name) <= 1:
             fail(name, "a number in [0, 1]")
+    if config.t_min > config.t_max:
+        fail("t_min", f"a value <= t_max={config.t_max}")
     for name in ("shape_t_max_end", "texture_t_max_end"):
         value = getattr(config, name)
         if value is not None and (not is_number(value) or not config.t_min <= value <= 1):
             fail(name, f"null or a number in [t_min={config.t_min}, 1]")
-    if config.t_min > config.t_max:
-        fail("t_min", f"a value <= t_max={config.t_max}")
 
 
 # ------------------------------------------------------------------------------------------ events
@@ -260,7 +266,8 @@ class Fitter:
     def __init__(self, model: MorphableModel, guidance: StableDiffusionGuidance, config: FitConfig,
                  device: torch.device | str | None = None):
         self.model = model
-        self.guidance = guidance.with_settings(guidance_scale=config.guidance_scale, weighting=config.weighting)
+        self.guidance = guidance.with_settings(guidance_scale=config.guidance_scale, weighting=config.weighting,
+                                               resolution=config.guidance_resolution)
         self.config = config
         self.device = torch.device(device) if device is not None else guidance.device
         self.tensors = model.torch_buffers(self.device)

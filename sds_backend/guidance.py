@@ -396,14 +396,15 @@ class StableDiffusionGuidance:
         """The same loaded model, compiled UNet and prompt cache with some SDS settings changed.
 
         Only settings that do not touch the loaded modules may change: guidance_scale,
-        timesteps, weighting, view_prompts. Cheap: nothing is loaded or encoded again.
+        timesteps, weighting, view_prompts, resolution. Cheap: nothing is loaded or encoded again.
         """
-        allowed = {"guidance_scale", "timesteps", "weighting", "view_prompts"}
+        allowed = {"guidance_scale", "timesteps", "weighting", "view_prompts", "resolution"}
         unknown = sorted(set(changes) - allowed)
         if unknown:
             raise ValueError(f"with_settings: cannot change {unknown} on a loaded model; allowed: {sorted(allowed)}")
         clone = copy.copy(self)
         clone.config = replace(self.config, **changes)
+        clone.resolution = clone.config.resolution or self.model.native_resolution
         return clone
 
     # ------------------------------------------------------------------------------ prompts

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import io
 import json
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -113,7 +114,7 @@ class MorphableModel:
         try:
             with np.load(path, allow_pickle=False) as data:
                 arrays = {key: data[key] for key in data.files}
-        except (OSError, ValueError, EOFError) as exc:
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
             raise BundleError(f"cannot read bundle {path}: {exc}") from None
         try:
             return cls.from_arrays(**arrays)
@@ -258,8 +259,6 @@ def _check_names(names: tuple[str, ...], field_name: str) -> None:
 
 def _strip_zip_timestamps(data: bytes) -> bytes:
     """Rewrite a zip archive with fixed member timestamps so identical content gives identical bytes."""
-    import zipfile
-
     source = zipfile.ZipFile(io.BytesIO(data))
     out = io.BytesIO()
     with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_DEFLATED) as target:

@@ -53,12 +53,8 @@ class Server:
             self.stdout.write(line + "\n")
             self.stdout.flush()
 
-    def send_error(self, kind: str, message: str, job_id: str | None = None, recoverable: bool = True,
-                   trace: str | None = None) -> None:
-        fields = {"id": job_id, "kind": kind, "message": message, "recoverable": recoverable}
-        if trace:
-            fields["traceback"] = trace
-        self.send("error", **fields)
+    def send_error(self, kind: str, message: str, job_id: str | None = None, recoverable: bool = True) -> None:
+        self.send("error", id=job_id, kind=kind, message=message, recoverable=recoverable)
 
     # ------------------------------------------------------------------------------ main
     def serve(self) -> int:
@@ -82,7 +78,11 @@ class Server:
             if request is None or request["type"] == "shutdown":
                 log.info("shutting down")
                 return 0
-            self._run_fit(request)
+            final_type, fields = self._run_fit(request)
+            # the job is over before the client hears so: a fit sent right after `done` is accepted
+            with self._busy_lock:
+                self._busy_id = None
+            self.send(final_type, **fields)
 
     def _read_loop(self) -> None:
         """Parse stdin; answer bad lines; flag stops; queue fits and shutdown. EOF means shutdown."""
@@ -141,57 +141,55 @@ class Server:
                 return
 
     # ------------------------------------------------------------------------------ fit
-    def _run_fit(self, message: dict) -> None:
+    def _run_fit(self, message: dict) -> tuple[str, dict]:
+        """Run one fit, streaming its events; return the final message (done or error) to send."""
+        from .export import write_texture_png
         from .fit import FitConfig, ProgressEvent
         from .guidance import ModelLoadError
         from .job import FitRequest
         from .morphable import BundleError
 
         job_id = message["id"]
+        textures: list[Path] = []
+        job_dir = Path(message.get("job_dir") or Path(tempfile.gettempdir()) / "sds-head-jobs" / _safe(job_id))
+
+        def on_event(event) -> None:
+            if isinstance(event, ProgressEvent):
+                self.send("progress", id=job_id, iteration=event.iteration, total=event.total, stage=event.stage,
+                          loss=_finite_or_none(event.loss), t=_finite_or_none(event.t),
+                          weights=[float(w) for w in event.weights], seconds=round(event.seconds, 3))
+                return
+            path = job_dir / f"texture_{event.iteration:06d}.png"
+            write_texture_png(path, event.texture)
+            textures.append(path)
+            while len(textures) > KEEP_TEXTURES:
+                textures.pop(0).unlink(missing_ok=True)
+            self.send("texture", id=job_id, iteration=event.iteration, path=str(path))
+
+        def error(kind: str, text: str, trace: str | None = None) -> tuple[str, dict]:
+            fields = {"id": job_id, "kind": kind, "message": text, "recoverable": True}
+            if trace:
+                fields["traceback"] = trace
+            return "error", fields
+
         try:
-            try:
-                config = FitConfig.from_dict(message.get("config") or {})
-                job_dir = Path(message.get("job_dir") or Path(tempfile.gettempdir()) / "sds-head-jobs" / _safe(job_id))
-                request = FitRequest(prompt=message["prompt"], negative_prompt=message.get("negative_prompt") or "",
-                                     out_dir=job_dir, model=message.get("model"), bundle=message.get("bundle"),
-                                     initial_weights=message.get("initial_weights"), config=config)
-                textures: list[Path] = []
-
-                def on_event(event) -> None:
-                    if isinstance(event, ProgressEvent):
-                        self.send("progress", id=job_id, iteration=event.iteration, total=event.total,
-                                  stage=event.stage, loss=_finite_or_none(event.loss), t=_finite_or_none(event.t),
-                                  weights=[float(w) for w in event.weights], seconds=round(event.seconds, 3))
-                    else:
-                        path = job_dir / f"texture_{event.iteration:06d}.png"
-                        from .export import write_texture_png
-
-                        write_texture_png(path, event.texture)
-                        textures.append(path)
-                        while len(textures) > KEEP_TEXTURES:
-                            textures.pop(0).unlink(missing_ok=True)
-                        self.send("texture", id=job_id, iteration=event.iteration, path=str(path))
-
-                job = self.backend.run(request, on_event=on_event, should_stop=self._stop.is_set)
-            except ModelLoadError as exc:
-                self.send_error("model_error", str(exc), job_id)
-                return
-            except BundleError as exc:
-                self.send_error("bundle_error", str(exc), job_id)
-                return
-            except (ValueError, TypeError) as exc:
-                self.send_error("bad_request", str(exc), job_id)
-                return
-            except Exception as exc:  # a bug or a resource failure: report it, keep serving
-                log.exception("fit %s failed", job_id)
-                self.send_error("internal", f"{type(exc).__name__}: {exc}", job_id, trace=traceback.format_exc())
-                return
-            result = job.result
-            self.send("done", id=job_id, weights=[float(w) for w in result.weights], outputs=job.outputs,
-                      stopped=result.stopped, iterations=result.iterations, seconds=round(result.seconds, 3))
-        finally:
-            with self._busy_lock:
-                self._busy_id = None
+            config = FitConfig.from_dict(message.get("config") or {})
+            request = FitRequest(prompt=message["prompt"], negative_prompt=message.get("negative_prompt") or "",
+                                 out_dir=job_dir, model=message.get("model"), bundle=message.get("bundle"),
+                                 initial_weights=message.get("initial_weights"), config=config)
+            job = self.backend.run(request, on_event=on_event, should_stop=self._stop.is_set)
+        except ModelLoadError as exc:
+            return error("model_error", str(exc))
+        except BundleError as exc:
+            return error("bundle_error", str(exc))
+        except (ValueError, TypeError) as exc:
+            return error("bad_request", str(exc))
+        except Exception as exc:  # a bug or a resource failure: report it, keep serving
+            log.exception("fit %s failed", job_id)
+            return error("internal", f"{type(exc).__name__}: {exc}", traceback.format_exc())
+        result = job.result
+        return "done", {"id": job_id, "weights": [float(w) for w in result.weights], "outputs": job.outputs,
+                        "stopped": result.stopped, "iterations": result.iterations, "seconds": round(result.seconds, 3)}
 
 
 def _safe(job_id: str) -> str:

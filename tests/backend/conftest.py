@@ -11,6 +11,9 @@ import pytest
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+# Backend subprocesses started by tests (serve, fit) share two cores with the test process:
+# one intra-op thread each keeps them from spinning against one another (see _one_torch_thread).
+os.environ["OMP_NUM_THREADS"] = "1"
 
 _real_connect = socket.socket.connect
 

@@ -1,0 +1,193 @@
+"""The fit loop: recovery of known parameters through an oracle denoiser, determinism, stop,
+resume, config validation, and the `fit` command's outputs."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sds_backend.fit import FitConfig, Fitter, load_checkpoint
+from sds_backend.guidance import GuidanceConfig, StableDiffusionGuidance
+from synthetic import synthetic_model
+
+
+@pytest.fixture(scope="module")
+def pipeline(tiny_sd_dir):
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline.from_pretrained(tiny_sd_dir, local_files_only=True)
+
+
+class OracleDenoiser:
+    """eps_hat = (z_t - sqrt(a) z*) / sqrt(1 - a) with z* the latents of the target render of
+    the current view: SDS then pulls the latents exactly toward z*, so a fit must recover the
+    target's parameters. The fitter's render is wrapped to render the target from the same
+    cameras and lights (a copy of the generator state) before each step."""
+
+    def __init__(self, fitter: Fitter, target_state):
+        self.fitter, self.target_state, self.z_star = fitter, target_state, None
+        self._render = fitter.render
+        fitter.render = self.render
+
+    def render(self, stage, state, generator):
+        twin = torch.Generator()
+        twin.set_state(generator.get_state())
+        with torch.no_grad():
+            image, _ = self._render(stage, self.target_state, twin)
+            self.z_star = self.fitter.guidance.encode(image)
+        return self._render(stage, state, generator)
+
+    def __call__(self, z_t, t, embeddings):
+        alpha_bar = self.fitter.guidance.model.alphas_cumprod.to(z_t)[t].view(-1, 1, 1, 1)
+        z_star = self.z_star.repeat(2, 1, 1, 1)      # the CFG batch is [uncond; cond]
+        return (z_t - alpha_bar.sqrt() * z_star) / (1 - alpha_bar).sqrt()
+
+
+def _oracle_fitter(pipeline, model, config):
+    guidance = StableDiffusionGuidance.from_pipeline(pipeline, GuidanceConfig(model="tiny"))
+    fitter = Fitter(model, guidance, config)
+    return fitter, guidance
+
+
+def test_oracle_fit_recovers_shape_weights(pipeline):
+    model = synthetic_model(10)
+    # the oracle's gradient is noise-free, so a decaying rate shows how precisely the
+    # pipeline (renderer, VAE, SDS gradient, optimiser) can find the target
+    config = FitConfig(shape_steps=400, render_size=64, lr=0.1, lr_decay=0.1, event_every=50)
+    fitter, guidance = _oracle_fitter(pipeline, model, config)
+    target = torch.randn(10, generator=torch.Generator().manual_seed(5)).clamp(-2, 2).numpy()
+    oracle = OracleDenoiser(fitter, fitter.initial_state(target))
+    fitter.guidance.noise_predictor = oracle
+    result = fitter.run("anything")
+    relative_error = np.linalg.norm(result.weights - target) / np.linalg.norm(target)
+    assert relative_error <= 0.10, relative_error
+
+
+def _short_config(**changes):
+    values = dict(stages=("shape", "texture"), shape_steps=5, texture_steps=4, render_size=32, texture_size=32,
+                  event_every=1, texture_every=2, gif_frames=4, checkpoint_every=3)
+    values.update(changes)
+    return FitConfig(**values)
+
+
+def test_fit_is_deterministic_and_emits_events(pipeline):
+    model = synthetic_model(6)
+    runs = []
+    for _ in range(2):
+        fitter, _ = _oracle_fitter(pipeline, model, _short_config())
+        events = []
+        runs.append((fitter.run("a face", on_event=events.append), events))
+    (first, events), (second, _) = runs
+    assert np.array_equal(first.weights, second.weights)
+    assert np.array_equal(first.texture, second.texture)
+    progress = [e for e in events if hasattr(e, "loss")]
+    assert [e.iteration for e in progress] == list(range(1, 10))
+    assert [e.iteration for e in events if hasattr(e, "texture")] == [7, 9]
+    assert first.texture.shape == (32, 32, 3) and first.texture.dtype == np.uint8
+    assert not first.stopped and first.iterations == 9
+    # a different seed gives a different fit
+    fitter, _ = _oracle_fitter(pipeline, model, _short_config(seed=1))
+    assert not np.array_equal(fitter.run("a face").weights, first.weights)
+
+
+def test_stop_ends_within_one_iteration_and_keeps_state(pipeline):
+    model = synthetic_model(6)
+    fitter, _ = _oracle_fitter(pipeline, model, _short_config(shape_steps=50))
+    seen = []
+
+    def should_stop():
+        return len(seen) >= 3
+
+    result = fitter.run("a face", on_event=lambda e: seen.append(e) if hasattr(e, "loss") else None,
+                        should_stop=should_stop)
+    assert result.stopped and result.iterations == 3
+    assert np.allclose(result.weights, seen[-1].weights)
+    assert result.texture is None
+
+
+def test_resume_continues_bit_for_bit(pipeline, tmp_path):
+    model = synthetic_model(6)
+    config = _short_config()
+    fitter, _ = _oracle_fitter(pipeline, model, config)
+    whole = fitter.run("a face")
+
+    checkpoint = tmp_path / "checkpoint.pt"
+    fitter, _ = _oracle_fitter(pipeline, model, config)
+    steps = []
+    interrupted = fitter.run("a face", on_event=lambda e: steps.append(e), should_stop=lambda: len(steps) >= 6,
+                             checkpoint=checkpoint)
+    assert interrupted.stopped
+    fitter, _ = _oracle_fitter(pipeline, model, config)
+    state = load_checkpoint(checkpoint, fitter, "a face")
+    resumed = fitter.run("a face", state=state)
+    assert resumed.iterations == whole.iterations
+    assert np.array_equal(resumed.weights, whole.weights)
+    assert np.array_equal(resumed.texture, whole.texture)
+    with pytest.raises(ValueError, match="made for prompt"):
+        load_checkpoint(checkpoint, fitter, "another prompt")
+    other, _ = _oracle_fitter(pipeline, model, _short_config(seed=3))
+    with pytest.raises(ValueError, match="different config \\(seed\\)"):
+        load_checkpoint(checkpoint, other, "a face")
+
+
+@pytest.mark.parametrize("values,message", [
+    ({"shape_steps": 0}, r"config.shape_steps: expected an integer in \[1, 100000\], got 0"),
+    ({"stages": ["texture", "shape"]}, "config.stages: expected 'shape' before 'texture'"),
+    ({"stages": ["shape", "shape"]}, "config.stages"),
+    ({"lr": -1}, r"config.lr: expected a number in \(0, 10\]"),
+    ({"weighting": "cubic"}, "config.weighting: expected one of"),
+    ({"t_min": 0.9, "t_max": 0.5}, "config.t_min"),
+    ({"zoom_range": [2, 1]}, "config.zoom_range"),
+    ({"batch_size": True}, "config.batch_size"),
+    ({"unknown": 1}, "config: unknown key"),
+])
+def test_config_errors_name_the_field(values, message):
+    with pytest.raises(ValueError, match=message):
+        FitConfig.from_dict(values)
+
+
+def test_bad_prompt_and_initial_weights_are_refused(pipeline):
+    fitter, _ = _oracle_fitter(pipeline, synthetic_model(6), _short_config())
+    with pytest.raises(ValueError, match="prompt: expected a non-empty text"):
+        fitter.run("  ")
+    with pytest.raises(ValueError, match="initial_weights: expected 6 values"):
+        fitter.run("a face", initial_weights=[0.0, 1.0])
+    with pytest.raises(ValueError, match="initial_weights: contains NaN"):
+        fitter.run("a face", initial_weights=[float("nan")] * 6)
+
+
+def test_fit_command_writes_all_outputs(tiny_sd_dir, tmp_path):
+    import pygltflib
+
+    out = tmp_path / "out"
+    config = {"texture_size": 64, "gif_frames": 6, "checkpoint_every": 0, "guidance_resolution": 64}
+    command = [sys.executable, "-m", "sds_backend", "fit", "--prompt", "Winston Churchill", "--out", str(out),
+               "--model", str(tiny_sd_dir), "--stages", "shape,texture", "--steps", "4", "--texture-steps", "3",
+               "--render-size", "64", "--config", json.dumps(config)]
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stdout == ""            # not a terminal: no progress bar, no noise on stdout
+
+    weights = json.loads((out / "weights.json").read_text())
+    assert len(weights) == 50
+    gltf = pygltflib.GLTF2().load(str(out / "head.glb"))
+    mesh = gltf.meshes[0]
+    assert mesh.extras["targetNames"] == list(weights)
+    assert len(mesh.primitives[0].targets) == 50
+    assert np.allclose(mesh.weights, list(weights.values()), atol=1e-6)
+    assert gltf.textures and gltf.images[0].mimeType == "image/png"
+    assert Image.open(out / "evolution.gif").n_frames == 6
+    assert Image.open(out / "texture.png").size == (64, 64)
+    fit = json.loads((out / "fit.json").read_text())
+    assert fit["prompt"] == "Winston Churchill" and fit["iterations"] == 7
+
+    # a bad request fails with a specific message and a non-zero exit code
+    bad = subprocess.run([sys.executable, "-m", "sds_backend", "fit", "--prompt", "x", "--out", str(tmp_path / "b"),
+                          "--model", str(tmp_path / "nowhere")], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "cannot load Stable Diffusion model" in bad.stderr
+    assert "Traceback" not in bad.stderr

@@ -1,0 +1,213 @@
+"""The stdio server as a subprocess: the message sequence of fits, stop and shutdown, and
+50 malformed inputs that each get an `error` while the server keeps serving."""
+from __future__ import annotations
+
+import json
+import os
+import queue
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from sds_backend import protocol
+
+FAST = {"shape_steps": 40, "render_size": 64, "guidance_resolution": 64, "event_every": 1, "texture_size": 64, "gif_frames": 3,
+        "checkpoint_every": 0}
+
+
+class ServerProcess:
+    """A `serve` subprocess with a reader thread collecting its protocol lines."""
+
+    def __init__(self, tmp_path: Path):
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen([sys.executable, "-m", "sds_backend", "serve", "--device", "cpu"],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=open(tmp_path / "stderr.log", "wb"),
+                                     env=env)
+        self.lines: "queue.Queue[dict]" = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        for raw in self.proc.stdout:
+            # every stdout line must be a valid backend protocol message
+            self.lines.put(protocol.decode(raw, allowed_types=protocol.BACKEND_TYPES))
+
+    def send_raw(self, data: bytes):
+        self.proc.stdin.write(data)
+        self.proc.stdin.flush()
+
+    def send(self, message_type: str, **fields):
+        self.send_raw((json.dumps({"v": 1, "type": message_type, **fields}) + "\n").encode())
+
+    def next(self, timeout: float = 60.0) -> dict:
+        return self.lines.get(timeout=timeout)
+
+    def until(self, message_type: str, timeout: float = 120.0) -> tuple[dict, list[dict]]:
+        """Messages up to and including the first of `message_type`."""
+        seen = []
+        deadline = time.monotonic() + timeout
+        while True:
+            message = self.next(max(0.1, deadline - time.monotonic()))
+            seen.append(message)
+            if message["type"] == message_type:
+                return message, seen
+
+    def close(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
+
+
+@pytest.fixture
+def server(tmp_path):
+    process = ServerProcess(tmp_path)
+    hello = process.next(60)
+    assert hello["type"] == "hello" and hello["protocol"] == protocol.PROTOCOL_VERSION
+    assert hello["device"] == "cpu" and hello["pid"] == process.proc.pid
+    yield process
+    process.close()
+
+
+def test_fit_progress_texture_stop_second_fit_shutdown(server, tiny_sd_dir, tmp_path):
+    # 1. a full fit with both stages: progress events, texture events, one done
+    config = dict(FAST, stages=["shape", "texture"], shape_steps=4, texture_steps=4, texture_every=2)
+    server.send("fit", id="first", prompt="an old man", model=str(tiny_sd_dir), config=config, job_dir=str(tmp_path / "a"))
+    done, seen = server.until("done")
+    kinds = [m["type"] for m in seen]
+    assert "error" not in kinds
+    progress = [m for m in seen if m["type"] == "progress"]
+    assert [m["iteration"] for m in progress] == list(range(1, 9))
+    assert {m["stage"] for m in progress} == {"shape", "texture"}
+    textures = [m for m in seen if m["type"] == "texture"]
+    assert len(textures) >= 2 and Path(textures[-1]["path"]).exists()
+    assert done["id"] == "first" and not done["stopped"] and done["iterations"] == 8
+    assert done["weights"] == progress[-1]["weights"]
+    assert {"weights", "texture", "glb", "gif"} <= set(done["outputs"])
+
+    # 2. stop mid-run: the fit ends within one iteration of the stop arriving
+    server.send("fit", id="second", prompt="a young woman", model=str(tiny_sd_dir), config=FAST,
+                job_dir=str(tmp_path / "b"))
+    first_progress, _ = server.until("progress")
+    while first_progress["iteration"] < 3:
+        first_progress = server.next()
+    server.send("stop", id="second")
+    done, seen = server.until("done")
+    assert done["stopped"] is True
+    assert done["iterations"] <= first_progress["iteration"] + 1 + sum(m["type"] == "progress" for m in seen)
+    later = [m["iteration"] for m in seen if m["type"] == "progress"]
+    assert len(later) <= 1, f"fit went on for {later} after the stop"
+    assert done["iterations"] < FAST["shape_steps"]
+
+    # 3. the same process serves another fit after a stop
+    server.send("fit", id="third", prompt="a child", model=str(tiny_sd_dir), config=dict(FAST, shape_steps=2),
+                job_dir=str(tmp_path / "c"))
+    done, _ = server.until("done")
+    assert done["id"] == "third" and done["iterations"] == 2
+
+    # 4. shutdown ends the process cleanly
+    server.send("shutdown")
+    assert server.proc.wait(30) == 0
+
+
+def _malformed_inputs(model: str, tmp_path: Path) -> list[tuple[bytes, str]]:
+    """(line, expected error kind): 50 ways to get a request wrong."""
+    def line(obj) -> bytes:
+        return (json.dumps(obj) + "\n").encode()
+
+    def fit(**fields) -> bytes:
+        base = {"v": 1, "type": "fit", "id": "x", "prompt": "a man", "model": model, "config": dict(FAST, shape_steps=1),
+                "job_dir": str(tmp_path / "bad")}
+        base.update(fields)
+        return line({k: v for k, v in base.items() if v is not ...})
+
+    bad_json = [b"{\n", b"not json\n", b"{'single': 'quotes'}\n", b'{"v": 1, "type": "fit",}\n', b"[1, 2\n",
+                b"\xff\xfe\xfd\n", b'{"v": 1, "type": "stop"} trailing\n', b"nul\x00l\n"]
+    cases = [(data, "bad_message") for data in bad_json]
+    cases += [(line(value), "bad_message") for value in ([], 3, "fit", None, True)]
+    cases += [
+        (line({"type": "fit"}), "bad_message"),                                   # no version
+        (line({"v": 2, "type": "stop"}), "bad_message"),                          # wrong version
+        (line({"v": "1", "type": "stop"}), "bad_message"),
+        (line({"v": 1}), "bad_message"),                                          # no type
+        (line({"v": 1, "type": "dance"}), "bad_message"),                         # unknown type
+        (line({"v": 1, "type": "progress", "id": "a"}), "bad_message"),           # backend-only type
+        (line({"v": 1, "type": "hello"}), "bad_message"),
+        (line({"v": 1, "type": "stop", "extra": 1}), "bad_message"),              # unknown field
+        (b'{"v": 1, "type": "stop", "id": "' + b"x" * (protocol.MAX_LINE_BYTES + 10) + b'"}\n', "bad_message"),
+        (fit(id=...), "bad_message"),                                             # missing id
+        (fit(id=7), "bad_message"),
+        (fit(prompt=...), "bad_message"),
+        (fit(prompt=["a", "b"]), "bad_message"),
+        (fit(prompt=""), "bad_request"),
+        (fit(prompt="   "), "bad_request"),
+        (fit(prompt="x" * 3000), "bad_request"),
+        (fit(negative_prompt=5), "bad_message"),
+        (fit(model=12), "bad_message"),
+        (fit(config="fast"), "bad_message"),
+        (fit(config={"shape_steps": -1}), "bad_request"),
+        (fit(config={"shape_steps": "many"}), "bad_request"),
+        (fit(config={"stages": ["colour"]}), "bad_request"),
+        (fit(config={"stages": []}), "bad_request"),
+        (fit(config={"lr": 0}), "bad_request"),
+        (fit(config={"render_size": 100000}), "bad_request"),
+        (fit(config={"no_such_knob": 1}), "bad_request"),
+        (fit(config={"yaw_range": [10, -10]}), "bad_request"),
+        (fit(initial_weights="zeros"), "bad_message"),
+        (fit(initial_weights=[0.0, "a"]), "bad_message"),
+        (fit(initial_weights=[0.0] * 3), "bad_request"),                          # wrong count
+        (fit(initial_weights=[0.0] * 49 + [1e400]), "bad_message"),               # inf after parsing
+        (b'{"v": 1, "type": "fit", "id": "x", "prompt": "a", "initial_weights": [NaN]}\n', "bad_message"),
+        (b'{"v": 1, "type": "fit", "id": "x", "prompt": "a", "initial_weights": [Infinity]}\n', "bad_message"),
+        (fit(model=str(tmp_path / "no-such-model")), "model_error"),
+        (fit(model="nobody/no-such-model-anywhere"), "model_error"),
+        (fit(bundle=str(tmp_path / "missing.npz")), "bundle_error"),
+        (fit(bundle=str(tmp_path / "broken.npz")), "bundle_error"),
+        (fit(bundle=5), "bad_message"),
+        (fit(job_dir=7), "bad_message"),
+        (line({"v": 1, "type": "stop"}), "bad_request"),                          # nothing running
+        (line({"v": 1, "type": "stop", "id": 3}), "bad_message"),
+    ]
+    return cases
+
+
+def test_fifty_malformed_inputs_each_get_an_error(server, tiny_sd_dir, tmp_path):
+    (tmp_path / "broken.npz").write_bytes(b"PK\x03\x04 not really a zip")
+    cases = _malformed_inputs(str(tiny_sd_dir), tmp_path)
+    assert len(cases) >= 50
+    for data, kind in cases:
+        server.send_raw(data)
+        reply = server.next(120)
+        assert reply["type"] == "error", (data[:80], reply)
+        assert reply["kind"] == kind, (data[:80], reply)
+        assert reply["recoverable"] is True
+        assert reply["message"]
+    assert server.proc.poll() is None
+    # and it still works
+    server.send("fit", id="after", prompt="a man", model=str(tiny_sd_dir), config=dict(FAST, shape_steps=1),
+                job_dir=str(tmp_path / "ok"))
+    done, seen = server.until("done")
+    assert done["id"] == "after" and not any(m["type"] == "error" for m in seen)
+
+
+def test_fit_while_busy_is_refused(server, tiny_sd_dir, tmp_path):
+    server.send("fit", id="long", prompt="a man", model=str(tiny_sd_dir), config=dict(FAST, shape_steps=200),
+                job_dir=str(tmp_path / "long"))
+    server.until("progress")
+    server.send("fit", id="eager", prompt="a man", model=str(tiny_sd_dir), config=FAST, job_dir=str(tmp_path / "e"))
+    reply = server.next()
+    while reply["type"] == "progress":
+        reply = server.next()
+    assert reply["type"] == "error" and reply["kind"] == "busy" and reply["id"] == "eager"
+    server.send("stop")
+    done, _ = server.until("done")
+    assert done["id"] == "long" and done["stopped"]
+
+
+def test_end_of_input_shuts_down(tmp_path):
+    process = ServerProcess(tmp_path)
+    assert process.next(60)["type"] == "hello"
+    process.proc.stdin.close()
+    assert process.proc.wait(30) == 0
