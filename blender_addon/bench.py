@@ -2,15 +2,19 @@
 
     .venv-bpy/bin/python -m blender_addon.bench [--repeats 30] [--texture 1024] [--bundle PATH]
 
-Measured through the controller's own apply step (what the UI timer runs per tick):
-  apply_weights_ms       a progress update: 50 shape-key values (median)
+Measured through the controller's own apply step (what the UI timer runs per tick), medians:
+  apply_weights_ms       a progress update: 50 shape-key values
   apply_weights_eval_ms  the same plus the depsgraph evaluation of the deformed mesh (what the
                          viewport pays when it redraws)
-  apply_texture_ms       a tick with weights AND a new texture whose PNG Blender decodes on the
-                         main thread (rows with Paeth/Average filters, as Pillow writes them)
-  apply_texture_predecoded_ms  the same tick when the bridge's reader thread already decoded the
-                         PNG (None/Sub/Up rows): the main thread only copies pixels
-  apply_texture_only_ms  the texture part of apply_texture_ms alone
+  apply_texture_ms       a tick with weights AND a new 1024^2 texture, as the add-on runs it: the
+                         bridge's reader thread decoded the PNG (pngfile.read_png), the main thread
+                         copies the pixels into the image
+  reader_decode_ms       that decode, on the reader thread (not main-thread time)
+  apply_texture_blender_decode_ms  the same tick when Blender has to decode the PNG on the main
+                         thread (the fallback for PNG flavours read_png does not handle: palette,
+                         16 bit, interlaced; the backend writes none of them)
+The PNGs are Paeth-filtered like the backend's Pillow writer makes for smooth textures (--png
+takes files the backend wrote instead).
 The head is assets/default_head.npz; while that file is missing, a procedural stand-in of
 similar size (synthetic.py) is used and "head" says so.
 """
@@ -39,6 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--texture", type=int, default=1024, help="texture edge in pixels")
     parser.add_argument("--bundle", default=None, help="head bundle (default: assets/default_head.npz)")
+    parser.add_argument("--png", action="append", default=[],
+                        help="texture PNG(s) to apply instead of the generated Paeth-filtered ones (e.g. written "
+                             "by the backend); repeat for several")
     args = parser.parse_args(argv)
 
     import bpy
@@ -61,31 +68,38 @@ def main(argv: list[str] | None = None) -> int:
     rng = np.random.default_rng(0)
     work = Path(tempfile.mkdtemp(prefix="sdshead-bench-"))
     size = args.texture
-    pngs, plain_pngs = [], []
+    pngs = []
     for i in range(4):  # a smooth base with noise, like a texture in the middle of a fit
         y, x = np.mgrid[0:size, 0:size] / size
         base = np.stack([0.6 + 0.2 * np.sin(6 * x + i), 0.45 + 0.2 * np.cos(5 * y), 0.4 + 0.1 * np.sin(9 * x * y)], -1)
         rgba = np.concatenate([np.clip(base + rng.normal(0, 0.03, base.shape), 0, 1), np.ones((size, size, 1))], -1)
-        flat = rgba.astype(np.float32).ravel()
-        pngs.append(str(pngfile.write_png(work / f"paeth{i}.png", flat, size, size, 4, row_filter="paeth")))
-        plain_pngs.append(str(pngfile.write_png(work / f"plain{i}.png", flat, size, size, 4, row_filter="none")))
-    assert pngfile.read_png(pngs[0]) is None, "Paeth rows must take Blender's decoder"
-    predecoded = [pngfile.read_png(p) for p in plain_pngs]
+        pngs.append(str(pngfile.write_png(work / f"paeth{i}.png", rgba.astype(np.float32).ravel(), size, size, 4,
+                                          row_filter="paeth")))
+    if args.png:
+        pngs = [str(Path(p).resolve()) for p in args.png]
+    decode_seconds, decoded = [], []
+    for p in pngs:
+        started = time.perf_counter()
+        decoded.append(pngfile.read_png(p))
+        decode_seconds.append(time.perf_counter() - started)
+    assert all(d is not None for d in decoded), "read_png could not decode the bench PNGs"
 
     ctl = controller.FitController()
     job = controller.Job(id="bench", object_name=obj.name, names=names, indices=indices, image_name=image.name,
                          job_dir=work, stages=("shape", "texture"), started_at=time.monotonic())
 
-    def update(i: int, texture: bool, decoded: bool = False) -> bridge.JobUpdate:
+    decoded_pixels = decoded
+
+    def update(i: int, texture: bool, predecoded: bool = True) -> bridge.JobUpdate:
         weights = rng.normal(size=len(names)).clip(-3, 3).tolist()
         progress = {"id": "bench", "iteration": i, "total": 1000, "stage": "shape", "loss": 0.1, "t": 0.5,
                     "weights": weights, "seconds": 0.0}
         if not texture:
             return bridge.JobUpdate(job_id="bench", progress=progress, messages=1)
         k = i % len(pngs)
-        message = {"id": "bench", "iteration": i, "path": plain_pngs[k] if decoded else pngs[k]}
+        message = {"id": "bench", "iteration": i, "path": pngs[k]}
         return bridge.JobUpdate(job_id="bench", progress=progress, texture=message,
-                                texture_data=predecoded[k] if decoded else None, messages=2)
+                                texture_data=decoded_pixels[k] if predecoded else None, messages=2)
 
     def timed(fn) -> float:
         started = time.perf_counter()
@@ -95,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     depsgraph = bpy.context.evaluated_depsgraph_get()
     ctl._apply(job, update(0, True))  # warm-up: first image load, first evaluation
     depsgraph.update()
-    weights_only, weights_eval, with_texture, with_predecoded, texture_only = [], [], [], [], []
+    weights_only, weights_eval, with_texture, blender_decode = [], [], [], []
     for i in range(args.repeats):
         u = update(i, False)
         weights_only.append(timed(lambda: ctl._apply(job, u)))
@@ -104,20 +118,19 @@ def main(argv: list[str] | None = None) -> int:
         weights_eval.append(timed(lambda: (ctl._apply(job, u), depsgraph.update())))
         u = update(i, True)
         with_texture.append(timed(lambda: ctl._apply(job, u)))
-        u = update(i, True, decoded=True)
-        with_predecoded.append(timed(lambda: ctl._apply(job, u)))
-        texture_only.append(timed(lambda: ctl._apply_texture(job, pngs[(i + 1) % len(pngs)])))
+        u = update(i + 1, True, predecoded=False)
+        blender_decode.append(timed(lambda: ctl._apply(job, u)))
     result = {
         "apply_weights_ms": _median_ms(weights_only),
         "apply_weights_p95_ms": _p95_ms(weights_only),
         "apply_weights_eval_ms": _median_ms(weights_eval),
         "apply_texture_ms": _median_ms(with_texture),
         "apply_texture_p95_ms": _p95_ms(with_texture),
-        "apply_texture_only_ms": _median_ms(texture_only),
-        "apply_texture_predecoded_ms": _median_ms(with_predecoded),
-        "apply_texture_predecoded_p95_ms": _p95_ms(with_predecoded),
+        "reader_decode_ms": _median_ms(decode_seconds),
+        "apply_texture_blender_decode_ms": _median_ms(blender_decode),
         "keys": len(names), "vertices": len(obj.data.vertices), "texture": size, "repeats": args.repeats,
         "head": head, "blender": bpy.app.version_string,
+        "texture_pngs": ("given: " + ", ".join(args.png)) if args.png else "generated, Paeth-filtered rows",
     }
     print(json.dumps(result))
     return 0

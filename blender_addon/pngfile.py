@@ -4,10 +4,13 @@
 the image's own file path, so outputs are written from the pixels directly (exact bytes, the
 image datablock untouched).
 
-`read_png`: decodes the common case (8-bit RGB/RGBA, not interlaced, rows filtered with None,
-Sub or Up) with numpy, so the bridge's reader thread can decode a texture before the main thread
-sees it; zlib and the large numpy operations release the GIL. It returns None for anything else
-(Average/Paeth rows, palettes, 16 bit, interlacing) and the caller lets Blender decode the file.
+`read_png`: decodes 8-bit RGB/RGBA, non-interlaced PNGs (what the backend writes) with zlib and
+numpy, so the bridge's reader thread decodes a texture before the main thread sees it. Rows
+filtered with None/Sub/Up are undone with whole-row numpy operations; Average and Paeth depend
+on the pixel to the left, so those run as a wavefront over the image's anti-diagonals (every
+pixel of a diagonal depends only on earlier diagonals), on a sheared copy where each diagonal is
+one contiguous column. It returns None for other PNG flavours (palettes, 16 bit, interlacing)
+and the caller lets Blender decode the file on the main thread.
 """
 from __future__ import annotations
 
@@ -87,10 +90,13 @@ def read_png(path: str | Path):
         raise ValueError(f"{path}: image data has {len(raw)} bytes, expected {height * (stride + 1)}")
     scan = np.frombuffer(raw, dtype=np.uint8).reshape(height, stride + 1)
     filters = scan[:, 0]
+    if filters.max(initial=0) > 4:
+        raise ValueError(f"{path}: unknown PNG row filter {int(filters.max())}")
     if filters.max(initial=0) > 2:
-        return None
-    rows = scan[:, 1:].copy()
-    if filters.any():
+        rows = _unfilter_wavefront(scan[:, 1:].reshape(height, width, bpp), filters).reshape(height, stride)
+    else:
+        rows = scan[:, 1:].copy()
+    if filters.any() and filters.max() <= 2:
         if (filters == 2).all():
             np.cumsum(rows, axis=0, dtype=np.uint8, out=rows)          # Up everywhere: a running sum down
         else:
@@ -105,3 +111,41 @@ def read_png(path: str | Path):
     if bpp == 3:
         pixels[..., 3] = 1.0
     return width, height, pixels.reshape(-1)
+
+
+def _unfilter_wavefront(filtered, filters):
+    """Undo any mix of PNG row filters. filtered: uint8 [H, W, bpp]; filters: uint8 [H] -> uint8 [H, W, bpp].
+
+    Out[r, x] = Filtered[r, x] + predictor(left = Out[r, x-1], up = Out[r-1, x], up-left = Out[r-1, x-1])
+    (mod 256), the predictor chosen per row: 0 none, 1 left, 2 up, 3 floor((left + up) / 2), 4 Paeth.
+    Pixel (r, x) depends only on pixels of earlier anti-diagonals r + x, so each diagonal is one
+    vectorised step. The work happens on a sheared buffer S[r + 1, r + x + 1] = Out[r, x] (row and
+    column 0 are the zero border PNG assumes), where a diagonal is a column and its neighbours are
+    plain slices; the shear is a strided view, not a copy.
+    """
+    import numpy as np
+    from numpy.lib.stride_tricks import as_strided
+
+    height, width, bpp = filtered.shape
+    diagonals = height + width - 1
+    item = np.dtype(np.int16).itemsize
+
+    def sheared_view(buffer, offset_rows: int):
+        # element (r, x, c) of the view is buffer[r + offset_rows, r + x + offset_rows, c]
+        flat = buffer.reshape(-1)[offset_rows * (buffer.shape[1] + 1) * bpp:]
+        return as_strided(flat, shape=(height, width, bpp),
+                          strides=((buffer.shape[1] + 1) * bpp * item, bpp * item, item), writeable=True)
+
+    source = np.zeros((height, diagonals, bpp), np.int16)      # source[r, r + x] = filtered[r, x]
+    sheared_view(source, 0)[...] = filtered
+    out = np.zeros((height + 1, diagonals + 1, bpp), np.int16)  # out[r + 1, r + x + 1] = Out[r, x]
+    masks = [(filters == k).astype(np.int16)[:, None] for k in (1, 2, 3, 4)]
+    for d in range(diagonals):
+        r0, r1 = max(0, d - width + 1), min(height - 1, d) + 1
+        left, up, up_left = out[r0 + 1:r1 + 1, d], out[r0:r1, d], out[r0:r1, d - 1]
+        pa, pb, pc = np.abs(up - up_left), np.abs(left - up_left), np.abs(left + up - 2 * up_left)
+        paeth = np.where((pa <= pb) & (pa <= pc), left, np.where(pb <= pc, up, up_left))
+        m1, m2, m3, m4 = (m[r0:r1] for m in masks)
+        predictor = m1 * left + m2 * up + m3 * ((left + up) >> 1) + m4 * paeth
+        out[r0 + 1:r1 + 1, d + 1] = (source[r0:r1, d] + predictor) & 255
+    return sheared_view(out, 1).astype(np.uint8)
