@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 import torch
 
@@ -16,24 +17,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     parser.add_argument("--repeats", type=int, default=15, help="timed runs per configuration")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is available to torch here")
-    return device
+    parser.add_argument("--model", default=None,
+                        help="fit: 'tiny' (CPU default), 'sd15-arch' (random SD 1.5 weights; CUDA default) or a model id/folder")
 
 
 def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
+    from .job import resolve_device
+
+    try:
+        device = resolve_device(args.device)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if args.what == "raster":
-        from .bench_raster import run as bench
+        from .bench_raster import run as bench_raster
+
+        figures = bench_raster(device, repeats=args.repeats)
     else:
-        from .bench_fit import run as bench
-    print(json.dumps(bench(device, repeats=args.repeats), indent=2))
+        from .bench_fit import run as bench_fit
+
+        figures = bench_fit(device, repeats=args.repeats, model=args.model)
+    print(json.dumps(figures, indent=2))
     return 0

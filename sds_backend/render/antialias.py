@@ -112,22 +112,20 @@ def antialias(color: torch.Tensor, rast: Rasterization, clip_verts: torch.Tensor
     depth = torch.full((batch * height * width,), float("inf"), dtype=rast.depth.dtype, device=colors.device)
     depth[rast.pixels] = rast.depth
 
-    targets, corrections = [], []
+    crossings = []
     # rows: scanlines along x (u = x, v = y); columns: scanlines along y (u = y, v = x)
     for u_axis, v_axis, num_lines, num_cells, line_stride, cell_stride in (
             (0, 1, height, width, width, 1), (1, 0, width, height, 1, width)):
         found = _scanline_crossings(screen, grad_screen, batch_of_edge, u_axis, v_axis, num_lines, num_cells,
                                     line_stride, cell_stride, height * width, covered, depth)
-        if found is None:
-            continue
-        target, in_pixel, out_pixel, scale = found
-        in_color = colors.index_select(1, in_pixel)
-        out_color = colors.index_select(1, out_pixel)
-        targets.append(target)
-        corrections.append(scale.to(colors.dtype) * (out_color - in_color))
-    if not targets:
+        if found is not None:
+            crossings.append(found)
+    if not crossings:
         return color
-    blended = colors.index_add(1, torch.cat(targets), torch.cat(corrections, 1))
+    target, in_pixel, out_pixel, scale = (torch.cat(parts) for parts in zip(*crossings))
+    # one gather for both sides keeps the backward to a single scatter into a [C, B*H*W] buffer
+    sides = colors.index_select(1, torch.cat([out_pixel, in_pixel])).view(channels, 2, -1)
+    blended = colors.index_add(1, target, scale.to(colors.dtype) * (sides[:, 0] - sides[:, 1]))
     return blended.view(channels, batch, height, width).permute(1, 2, 3, 0)
 
 

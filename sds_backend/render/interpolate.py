@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .rasterize import Rasterization
 
@@ -28,9 +29,17 @@ def interpolate(attr: torch.Tensor, rast: Rasterization, faces: torch.Tensor) ->
         raise ValueError(f"faces: expected shape [F, 3], got {list(faces.shape)}")
     if rast.triangles.numel() and int(rast.triangles.max()) >= faces.shape[0]:
         raise ValueError(f"faces has {faces.shape[0]} rows but the rasterization references face {int(rast.triangles.max())}")
+    return to_image(interpolate_pixels(attr, rast, faces), rast)
+
+
+def interpolate_pixels(attr: torch.Tensor, rast: Rasterization, faces: torch.Tensor) -> torch.Tensor:
+    """`interpolate` over the covered pixels only: float [C, P] in the order of rast.pixels.
+
+    Shading code works on these compact arrays and densifies once; arguments are checked by
+    `interpolate`'s callers (attr [1 or B, V, C]).
+    """
     attr_batch, num_vertices, channels = attr.shape
     height, width = rast.resolution
-
     corner = faces.to(torch.int64).index_select(0, rast.triangles).t()            # [3, P]
     if attr_batch > 1:
         corner = corner + (rast.pixels // (height * width)) * num_vertices
@@ -39,8 +48,7 @@ def interpolate(attr: torch.Tensor, rast: Rasterization, faces: torch.Tensor) ->
     # one corner at a time keeps every intermediate at [C, P] (forward and backward)
     values = table.index_select(1, corner[0]) * bary[0]
     values = values + table.index_select(1, corner[1]) * bary[1]
-    values = values + table.index_select(1, corner[2]) * bary[2]                  # [C, P]
-    return _to_dense(values, rast)
+    return values + table.index_select(1, corner[2]) * bary[2]
 
 
 def texture(tex: torch.Tensor, uv: torch.Tensor, filter: str = "bilinear") -> torch.Tensor:
@@ -64,12 +72,33 @@ def texture(tex: torch.Tensor, uv: torch.Tensor, filter: str = "bilinear") -> to
         raise ValueError(f"tex batch {tex.shape[0]} must be 1 or match uv batch {uv.shape[0]}")
     grid = torch.stack([uv[..., 0] * 2 - 1, 1 - uv[..., 1] * 2], -1).to(tex.dtype)
     image = tex.permute(0, 3, 1, 2).expand(uv.shape[0], -1, -1, -1)
-    sampled = torch.nn.functional.grid_sample(image, grid, mode=filter, padding_mode="border", align_corners=False)
+    sampled = F.grid_sample(image, grid, mode=filter, padding_mode="border", align_corners=False)
     return sampled.permute(0, 2, 3, 1)
 
 
-def _to_dense(values: torch.Tensor, rast: Rasterization) -> torch.Tensor:
-    """Scatter per-pixel values [C, P] into a zero image [B, H, W, C]."""
+def sample_pixels(tex: torch.Tensor, uv: torch.Tensor, rast: Rasterization, filter: str = "bilinear") -> torch.Tensor:
+    """`texture` over the covered pixels only: uv float [2, P] -> float [C, P]."""
+    grid = torch.stack([uv[0] * 2 - 1, 1 - uv[1] * 2], -1).to(tex.dtype)           # [P, 2]
+    image = tex.permute(0, 3, 1, 2)
+    if tex.shape[0] == 1:
+        sampled = F.grid_sample(image, grid[None, None], mode=filter, padding_mode="border", align_corners=False)
+        return sampled[0, :, 0]
+    # one texture per batch item: pixels are sorted by batch, so each item is one slice
+    height, width = rast.resolution
+    bounds = torch.searchsorted(rast.pixels, torch.arange(rast.batch + 1, device=uv.device) * (height * width)).tolist()
+    return torch.cat([F.grid_sample(image[b:b + 1], grid[None, None, bounds[b]:bounds[b + 1]], mode=filter,
+                                    padding_mode="border", align_corners=False)[0, :, 0]
+                      for b in range(rast.batch)], 1)
+
+
+def to_image(values: torch.Tensor, rast: Rasterization, background: torch.Tensor | float = 0.0) -> torch.Tensor:
+    """Per-pixel values [C, P] -> image [B, H, W, C] with `background` ([C] or scalar) elsewhere.
+
+    The image is a view of channel-first memory, which `antialias` and `interpolate` use
+    without copying.
+    """
     channels = values.shape[0]
-    dense = values.new_zeros(channels, rast.num_pixels).index_copy_(1, rast.pixels, values)
+    background = torch.as_tensor(background, dtype=values.dtype, device=values.device).reshape(-1, 1)
+    dense = background.expand(channels, rast.num_pixels).clone().index_copy_(1, rast.pixels, values)
     return dense.view(channels, rast.batch, *rast.resolution).permute(1, 2, 3, 0)
+

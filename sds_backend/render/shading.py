@@ -12,7 +12,7 @@ import torch
 
 from .antialias import Topology, antialias, prepare_topology
 from .camera import Cameras
-from .interpolate import interpolate, texture
+from .interpolate import interpolate_pixels, sample_pixels, to_image
 from .rasterize import rasterize
 
 ShadingMode = Literal["lambert", "normal"]
@@ -29,13 +29,19 @@ class Render:
 
 def vertex_normals(vertices: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
     """Area-weighted unit vertex normals, float [B, V, 3] for vertices [B, V, 3]; differentiable."""
+    batch, num_vertices = vertices.shape[:2]
     faces = faces.to(torch.int64)
-    v0, v1, v2 = (vertices[:, faces[:, k]] for k in range(3))
-    face_normals = torch.linalg.cross(v1 - v0, v2 - v0, dim=-1)          # length = 2 * area
-    normals = torch.zeros_like(vertices)
+    # channel-first 1-D gathers and scatters: much faster than row gathers of [.., 3] vectors
+    offset = (torch.arange(batch, device=faces.device) * num_vertices)[:, None]
+    corner = (faces.t()[:, None, :] + offset).reshape(3, -1)                    # [3, B*F]
+    table = vertices.permute(2, 0, 1).reshape(3, batch * num_vertices)          # [xyz, B*V]
+    v0, v1, v2 = (table.index_select(1, corner[k]) for k in range(3))
+    face_normals = torch.linalg.cross(v1 - v0, v2 - v0, dim=0)                  # length = 2 * area
+    normals = table.new_zeros(3, batch * num_vertices)
     for k in range(3):
-        normals = normals.index_add(1, faces[:, k], face_normals)
-    return torch.nn.functional.normalize(normals, dim=-1, eps=1e-12)
+        normals = normals.index_add(1, corner[k], face_normals)
+    normals = normals * torch.rsqrt((normals * normals).sum(0, keepdim=True).clamp_min(1e-24))
+    return normals.view(3, batch, num_vertices).permute(1, 2, 0)
 
 
 def render_mesh(vertices: torch.Tensor, faces: torch.Tensor, cams: Cameras, resolution: int | tuple[int, int],
@@ -59,11 +65,11 @@ def render_mesh(vertices: torch.Tensor, faces: torch.Tensor, cams: Cameras, reso
     topology = topology if topology is not None else prepare_topology(faces)
     clip = cams.to_clip(vertices)
     rast = rasterize(clip, faces, resolution)
-    pixel_normals = _camera_normals(vertices, faces, cams, rast)
+    normals = _camera_normals(vertices, faces, cams, rast)
     if mode == "normal":
-        color = pixel_normals * 0.5 + 0.5
+        color = normals * 0.5 + 0.5
     else:
-        color = (albedo * _lambert(pixel_normals, light_dir, ambient)).expand(-1, -1, -1, 3)
+        color = (albedo * _lambert(normals, light_dir, ambient, rast)).expand(3, -1)
     return _composite(color, rast, clip, faces, topology, background)
 
 
@@ -83,10 +89,10 @@ def render_textured(vertices: torch.Tensor, faces: torch.Tensor, uv: torch.Tenso
     topology = topology if topology is not None else prepare_topology(faces)
     clip = cams.to_clip(vertices)
     rast = rasterize(clip, faces, resolution)
-    pixel_uv = interpolate(uv.to(vertices.dtype), rast, uv_faces)
-    color = texture(tex.to(vertices.dtype), pixel_uv)
+    pixel_uv = interpolate_pixels(uv.to(vertices.dtype)[None], rast, uv_faces)
+    color = sample_pixels(tex.to(vertices.dtype), pixel_uv, rast)
     if ambient < 1:
-        color = color * _lambert(_camera_normals(vertices, faces, cams, rast), light_dir, ambient)
+        color = color * _lambert(_camera_normals(vertices, faces, cams, rast), light_dir, ambient, rast)
     return _composite(color, rast, clip, faces, topology, background)
 
 
@@ -96,26 +102,30 @@ def render_lambert(vertices: torch.Tensor, faces: torch.Tensor, cams: Cameras, r
 
 
 def _camera_normals(vertices, faces, cams, rast) -> torch.Tensor:
-    """Unit normals per pixel in camera space (x right, y up, z toward the viewer), [B, H, W, 3]."""
+    """Unit normals of the covered pixels in camera space (x right, y up, z toward the viewer), [3, P]."""
     rotation = cams.world_to_view[:, :3, :3].to(vertices.dtype)
-    normals = vertex_normals(vertices, faces) @ rotation.transpose(1, 2)
-    return torch.nn.functional.normalize(interpolate(normals, rast, faces), dim=-1, eps=1e-12)
+    normals = interpolate_pixels(vertex_normals(vertices, faces) @ rotation.transpose(1, 2), rast, faces)
+    return normals * torch.rsqrt((normals * normals).sum(0, keepdim=True).clamp_min(1e-24))
 
 
-def _lambert(pixel_normals: torch.Tensor, light_dir: torch.Tensor | None, ambient: float) -> torch.Tensor:
-    """ambient + (1 - ambient) * max(0, n . l), [B, H, W, 1]; default light from the camera, a bit above."""
+def _lambert(normals: torch.Tensor, light_dir: torch.Tensor | None, ambient: float, rast) -> torch.Tensor:
+    """ambient + (1 - ambient) * max(0, n . l) per pixel, [1, P]; default light from the camera, a bit above."""
     if light_dir is None:
-        light_dir = pixel_normals.new_tensor([0.0, 0.35, 1.0])
-    light = torch.nn.functional.normalize(light_dir.to(pixel_normals).reshape(-1, 1, 1, 3), dim=-1)
-    return ambient + (1 - ambient) * (pixel_normals * light).sum(-1, keepdim=True).clamp_min(0)
+        light_dir = normals.new_tensor([0.0, 0.35, 1.0])
+    light = torch.nn.functional.normalize(light_dir.to(normals).reshape(-1, 3), dim=-1)        # [1 or B, 3]
+    if light.shape[0] > 1:
+        light = light.t().index_select(1, rast.pixels // (rast.resolution[0] * rast.resolution[1]))  # [3, P]
+    else:
+        light = light.t()
+    return ambient + (1 - ambient) * (normals * light).sum(0, keepdim=True).clamp_min(0)
 
 
-def _composite(color, rast, clip, faces, topology, background) -> Render:
-    """Put the background behind uncovered pixels, then antialias colour and coverage together."""
-    mask = rast.mask(color.dtype)
-    background = torch.as_tensor(background, dtype=color.dtype, device=color.device)
-    if background.ndim == 0:
-        background = background.expand(color.shape[-1])
-    color = color * mask + background * (1 - mask)
-    blended = antialias(torch.cat([color, mask], -1), rast, clip, faces, topology)
+def _composite(color: torch.Tensor, rast, clip, faces, topology, background) -> Render:
+    """Per-pixel colours [C, P] onto the background, then antialias colour and coverage together."""
+    channels = color.shape[0]
+    background = torch.as_tensor(background, dtype=color.dtype, device=color.device).reshape(-1).expand(channels)
+    coverage = torch.ones(1, color.shape[1], dtype=color.dtype, device=color.device)
+    # background then 0 coverage outside; one channel-first image that antialias reads without a copy
+    image = to_image(torch.cat([color, coverage]), rast, torch.cat([background, background.new_zeros(1)]))
+    blended = antialias(image, rast, clip, faces, topology)
     return Render(blended[..., :-1], blended[..., -1:])

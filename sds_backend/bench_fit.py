@@ -1,0 +1,127 @@
+"""`bench fit`: time of one fit step, its phases, and its overhead over a bare SDS call.
+
+CPU (default there): the tiny test model at 256² — what matters on a CPU is the overhead of
+everything around SDS (render, optimiser), measured as a ratio within one run. CUDA (default
+there): an SD 1.5-architecture UNet/VAE/CLIP with random weights built from the published
+configs (no download), fp16, 512² renders — the real model's cost without its weights.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .fit import FitConfig, Fitter, PhaseTimer
+from .guidance import GuidanceConfig, StableDiffusionGuidance
+from .job import DEFAULT_BUNDLE
+from .morphable import MorphableModel
+
+PHASES = ("render", "vae_encode", "unet", "backward", "optimizer")
+
+
+def build_sd15_architecture(device: torch.device):
+    """A StableDiffusionPipeline with SD 1.5's published architecture and random weights.
+
+    Configs as in stable-diffusion-v1-5's unet/, vae/ and text_encoder/ config.json; the
+    tokenizer is the tiny character tokenizer (its ids are valid for the 49408-token CLIP).
+    """
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from .tiny_sd import SD_SCHEDULER_CONFIG, build_tokenizer
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        unet = UNet2DConditionModel(
+            sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+            block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        )
+        vae = AutoencoderKL(
+            in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
+            block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4, sample_size=512, scaling_factor=0.18215,
+        )
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+        max_position_embeddings=77, hidden_act="quick_gelu",
+    ))
+    return StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=build_tokenizer(), unet=unet,
+        scheduler=DDIMScheduler(**SD_SCHEDULER_CONFIG), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def _guidance(model: str, device: torch.device) -> StableDiffusionGuidance:
+    if model == "sd15-arch":
+        return StableDiffusionGuidance.from_pipeline(build_sd15_architecture(device), GuidanceConfig(model="sd15-arch"), device)
+    if model == "tiny":
+        from .tiny_sd import cached_tiny_sd
+
+        model = str(cached_tiny_sd())
+    return StableDiffusionGuidance.from_config(GuidanceConfig(model=model), device)
+
+
+def run(device: torch.device, repeats: int = 15, model: str | None = None) -> dict:
+    model = model or ("sd15-arch" if device.type == "cuda" else "tiny")
+    render_size = 512 if model == "sd15-arch" else 256
+    guidance = _guidance(model, device)
+    config = FitConfig(render_size=render_size, shading="lambert", checkpoint_every=0)
+    fitter = Fitter(MorphableModel.load(DEFAULT_BUNDLE), guidance, config, device)
+    fitter.guidance.set_prompt("a portrait of an old man")
+    state = fitter.initial_state()
+    optimizer = fitter._stage_optimizer("shape", state)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        image, cams = fitter.render("shape", state, torch.Generator().manual_seed(1))
+    bare_image = image.detach().clone().requires_grad_(True)
+    yaw, pitch = cams.yaw_deg.cpu(), cams.pitch_deg.cpu()
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    def fit_step() -> None:
+        fitter._step("shape", state, optimizer, generator, 0.5)
+
+    def bare_sds() -> None:
+        # the least any SDS step does: encode, UNet, backward to the image
+        guidance_out = fitter.guidance.sds(bare_image, yaw, pitch, 0.5, generator=generator)
+        guidance_out.loss.backward()
+        bare_image.grad = None
+
+    for warm in (fit_step, bare_sds, fit_step, bare_sds):
+        warm()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    timer = PhaseTimer(device)
+    fitter.timer = timer
+    times: dict[str, list[float]] = {"step": [], "bare": []}
+    for _ in range(repeats):
+        for name, call in (("step", fit_step), ("bare", bare_sds)):
+            sync()
+            start = time.perf_counter()
+            call()
+            sync()
+            times[name].append((time.perf_counter() - start) * 1e3)
+    step_ms = sorted(times["step"])[repeats // 2]
+    bare_ms = sorted(times["bare"])[repeats // 2]
+    figures = {
+        "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
+        "model": model,
+        "render_size": render_size,
+        "sds_resolution": fitter.guidance.resolution,
+        "dtype": str(fitter.guidance.weights_dtype).replace("torch.", ""),
+        "torch_threads": torch.get_num_threads(),
+        "triangles": int(fitter.faces.shape[0]),
+        "step_ms": round(step_ms, 2),
+        "bare_sds_ms": round(bare_ms, 2),
+        "overhead_ratio": round(step_ms / bare_ms, 3),
+        "breakdown_ms": {phase: round(timer.totals.get(phase, 0.0) * 1e3 / repeats, 2) for phase in PHASES},
+    }
+    if device.type == "cuda":
+        figures["it_per_s"] = round(1000.0 / step_ms, 2)
+        figures["peak_mem_gb"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 3)
+    return figures
