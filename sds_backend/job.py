@@ -100,6 +100,10 @@ class Backend:
         out_dir = Path(request.out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         diffusion = self.diffusion_model(request.model)
+        unet_parameters = sum(p.numel() for p in diffusion.unet.parameters())
+        if self.device.type == "cpu" and unet_parameters > 100_000_000:
+            log.warning("running a %.0fM-parameter UNet on the CPU: expect tens of seconds per iteration "
+                        "(a CUDA GPU is the intended target)", unet_parameters / 1e6)
         guidance = StableDiffusionGuidance(diffusion, GuidanceConfig(model=diffusion.model_id))
         fitter = Fitter(model, guidance, request.config, self.device)
         checkpoint = out_dir / "checkpoint.pt"

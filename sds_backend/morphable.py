@@ -108,9 +108,19 @@ class MorphableModel:
 
     @classmethod
     def load(cls, path: str | Path) -> "MorphableModel":
+        """A `.npz` bundle, or a `.glb` whose first mesh has morph targets (see glb_import)."""
         path = Path(path)
         if not path.is_file():
             raise BundleError(f"bundle not found: {path}")
+        if path.suffix.lower() == ".glb":
+            from .glb_import import morphable_from_glb
+
+            try:
+                return morphable_from_glb(path)
+            except BundleError:
+                raise
+            except (ValueError, KeyError, IndexError, TypeError) as exc:
+                raise BundleError(f"{path}: cannot read as a morphable model: {exc}") from None
         try:
             with np.load(path, allow_pickle=False) as data:
                 arrays = {key: data[key] for key in data.files}
