@@ -194,8 +194,10 @@ def main(argv: list[str]) -> int:
     def report(status) -> None:
         if status.state != last["state"]:
             last["state"] = status.state
-            if status.state in ("starting", "running", "stopping"):
-                say(f"{status.state}: {status.message} (backend {status.backend})")
+            if status.state == "running":
+                say(f"backend ready ({status.backend}); {status.message}")
+            elif status.state == "stopping":
+                say(status.message)
         if status.iteration != last["iteration"] and status.total:
             last["iteration"] = status.iteration
             loss = "" if status.loss is None else f" loss {status.loss:.5g}"
