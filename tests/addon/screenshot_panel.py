@@ -31,6 +31,7 @@ parser.add_argument("--prompt", default="an old sea captain, big nose")
 parser.add_argument("--at", type=float, default=0.35, help="fraction of the fit at which to shoot")
 parser.add_argument("--tabs", type=int, default=3, help="Ctrl+wheel steps from the first sidebar tab to ours")
 parser.add_argument("--shape-only", action="store_true", help="no texture stage")
+parser.add_argument("--steps", type=int, default=60, help="iterations per stage")
 args = parser.parse_args(argv)
 bpy.context.preferences.view.show_splash = False  # before Blender opens the splash, after this script
 
@@ -75,7 +76,7 @@ def setup() -> None:
     settings.prompt = args.prompt
     settings.negative_prompt = "blurry, deformed"
     settings.stage_shape, settings.stage_texture = True, not args.shape_only
-    settings.shape_steps, settings.texture_steps = 60, 60
+    settings.shape_steps = settings.texture_steps = args.steps
     settings.render_size, settings.texture_size = 64, 256
     settings.event_every, settings.texture_every = 1, 5
     bpy.context.preferences.view.ui_scale = 1.0
