@@ -29,7 +29,7 @@ TORCH_PIN = "torch==2.13.0"
 CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 BACKEND_DEV_PACKAGES = ["pytest>=9,<10", "pygltflib>=1.16"]
 BPY_PACKAGES = ["bpy==5.0.1", "numpy<2", "pytest>=9,<10"]
-DEBIAN_PACKAGES = ["blender", "xvfb", "xauth"]
+DEBIAN_PACKAGES = ["blender", "python3-numpy", "xvfb", "xauth"]  # Debian's Blender imports numpy for glTF
 MIN_PYTHON = (3, 10)
 BPY_PYTHON = (3, 11)  # the bpy 5.0 wheel exists for CPython 3.11 only
 
@@ -151,18 +151,26 @@ def cache_head_source(py: Path) -> None:
                    "print(fetch_wheel(default_cache_dir()))"], cwd=ROOT)
 
 
+def missing_debian_packages() -> list[str]:
+    if shutil.which("dpkg-query") is None:
+        return [] if shutil.which("blender") and shutil.which("xvfb-run") else list(DEBIAN_PACKAGES)
+    status = [subprocess.run(["dpkg-query", "-W", "-f=${Status}", package], capture_output=True, text=True).stdout
+              for package in DEBIAN_PACKAGES]
+    return [package for package, state in zip(DEBIAN_PACKAGES, status) if "install ok installed" not in state]
+
+
 def install_debian_blender() -> None:
-    missing = [p for p, exe in (("blender", "blender"), ("xvfb", "xvfb-run")) if shutil.which(exe) is None]
+    missing = missing_debian_packages()
     if not missing:
-        say("blender and xvfb-run present")
+        say(f"Debian packages present: {' '.join(DEBIAN_PACKAGES)}")
         return
     if shutil.which("apt-get") is None or os.geteuid() != 0:
         say(f"SKIP Debian packages {missing}: needs apt-get as root; end-to-end Blender tests will be skipped")
         return
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    if subprocess.run(["apt-get", "install", "-y", "--no-install-recommends", *DEBIAN_PACKAGES], env=env).returncode != 0:
+    if subprocess.run(["apt-get", "install", "-y", *missing], env=env).returncode != 0:
         run("apt-get update", ["apt-get", "update"], env=env)
-        run("install Blender and Xvfb", ["apt-get", "install", "-y", "--no-install-recommends", *DEBIAN_PACKAGES], env=env)
+        run("install Blender, numpy for it, and Xvfb", ["apt-get", "install", "-y", *missing], env=env)
 
 
 def install_addon(blender: str, backend_python: Path) -> None:

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from . import __version__, export
+from .protocol import OUTPUT_NAMES
 from .fit import FitConfig, FitEvent, Fitter, FitResult, check_prompt, load_checkpoint
 from .guidance import DiffusionModel, GuidanceConfig, StableDiffusionGuidance, default_model_id, resolve_dtype, load_model
 from .morphable import MorphableModel
@@ -55,6 +56,7 @@ class FitRequest:
     config: FitConfig = field(default_factory=FitConfig)
     resume: bool = False                     # continue from out_dir/checkpoint.pt when it exists
     export_expressions: bool = False         # add the bundle's expression targets to head.glb
+    outputs: tuple[str, ...] = OUTPUT_NAMES  # which files to write (protocol.OUTPUT_NAMES)
 
 
 @dataclass
@@ -111,33 +113,45 @@ class Backend:
         if request.resume and checkpoint.exists():
             state = load_checkpoint(checkpoint, fitter, request.prompt, request.negative_prompt)
             log.info("resuming from %s at stage %d, step %d", checkpoint, state.stage_index, state.step)
+        keep_checkpoint = "checkpoint" in request.outputs
         result = fitter.run(request.prompt, request.negative_prompt, request.initial_weights, on_event, should_stop,
-                            state=state, checkpoint=checkpoint)
+                            state=state, checkpoint=checkpoint if keep_checkpoint else None)
         outputs = write_outputs(out_dir, model, result, request, diffusion.model_id)
-        outputs["checkpoint"] = str(checkpoint)
+        if keep_checkpoint:
+            outputs["checkpoint"] = str(checkpoint)
         return JobResult(result, outputs)
 
 
 def write_outputs(out_dir: Path, model: MorphableModel, result: FitResult, request: FitRequest,
                   model_id: str) -> dict[str, str]:
-    """weights.json, texture.png (texture stage only), evolution.gif, head.glb and fit.json."""
-    outputs = {"weights": out_dir / "weights.json", "gif": out_dir / "evolution.gif", "glb": out_dir / "head.glb",
-               "fit": out_dir / "fit.json"}
-    export.write_weights_json(outputs["weights"], model.names, result.weights)
-    if result.texture is not None:
-        outputs["texture"] = out_dir / "texture.png"
-        export.write_texture_png(outputs["texture"], result.texture)
-    frames = export.resample_snapshots(result.snapshots, request.config.gif_frames)
-    if not frames:   # stopped before the first snapshot: the current state, repeated
-        frames = [None] * request.config.gif_frames
-    export.write_evolution_gif(outputs["gif"], model, [
-        (s.weights, s.texture) if s is not None else (result.weights, None) for s in frames])
-    export.write_glb(outputs["glb"], model, result.weights, result.texture, request.export_expressions)
-    export.write_json(outputs["fit"], {
-        "prompt": request.prompt, "negative_prompt": request.negative_prompt, "model": model_id,
-        "bundle": str(request.bundle or DEFAULT_BUNDLE), "config": request.config.to_dict(),
-        "iterations": result.iterations, "stopped": result.stopped, "seconds": round(result.seconds, 3),
-        "final_loss": result.losses[-1] if result.losses else None, "sds_head_version": __version__,
-        "torch": torch.__version__, "weights": {n: float(w) for n, w in zip(model.names, np.asarray(result.weights))},
-    })
-    return {name: str(path) for name, path in outputs.items()}
+    """The requested files among weights.json, texture.png (texture stage only), evolution.gif,
+    head.glb and fit.json; returns name -> path of those written."""
+    wanted = set(request.outputs)
+    written: dict[str, Path] = {}
+    if "weights" in wanted:
+        written["weights"] = out_dir / "weights.json"
+        export.write_weights_json(written["weights"], model.names, result.weights)
+    if "texture" in wanted and result.texture is not None:
+        written["texture"] = out_dir / "texture.png"
+        export.write_texture_png(written["texture"], result.texture)
+    if "gif" in wanted:
+        written["gif"] = out_dir / "evolution.gif"
+        frames = export.resample_snapshots(result.snapshots, request.config.gif_frames)
+        if not frames:   # stopped before the first snapshot: the current state, repeated
+            frames = [None] * request.config.gif_frames
+        export.write_evolution_gif(written["gif"], model, [
+            (s.weights, s.texture) if s is not None else (result.weights, None) for s in frames])
+    if "glb" in wanted:
+        written["glb"] = out_dir / "head.glb"
+        export.write_glb(written["glb"], model, result.weights, result.texture, request.export_expressions)
+    if "fit" in wanted:
+        written["fit"] = out_dir / "fit.json"
+        export.write_json(written["fit"], {
+            "prompt": request.prompt, "negative_prompt": request.negative_prompt, "model": model_id,
+            "bundle": str(request.bundle or DEFAULT_BUNDLE), "config": request.config.to_dict(),
+            "iterations": result.iterations, "stopped": result.stopped, "seconds": round(result.seconds, 3),
+            "final_loss": result.losses[-1] if result.losses else None, "sds_head_version": __version__,
+            "torch": torch.__version__,
+            "weights": {n: float(w) for n, w in zip(model.names, np.asarray(result.weights))},
+        })
+    return {name: str(path) for name, path in written.items()}

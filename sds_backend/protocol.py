@@ -5,7 +5,8 @@ the add-on's bridge imports the very same file. One JSON object per line, UTF-8,
 "v" (protocol version) and "type". stdout of the backend carries protocol lines only.
 
 Client -> backend
-    fit       id, prompt, [negative_prompt], [model], [bundle], [initial_weights], [config], [job_dir]
+    fit       id, prompt, [negative_prompt], [model], [bundle], [initial_weights], [config], [job_dir],
+              [outputs]                  subset of OUTPUT_NAMES to write (default: all)
     stop      [id]                      cooperative: the fit ends within one iteration
     shutdown                            the backend exits after the current message
 Backend -> client
@@ -27,6 +28,9 @@ from typing import Any, Callable
 PROTOCOL_VERSION = 1
 MAX_LINE_BYTES = 1 << 20  # a weights list for any sane model is far below this
 MAX_PROMPT_CHARS = 2000
+
+# files a fit can write into its job folder; a `fit` may ask for a subset (default: all)
+OUTPUT_NAMES = ("weights", "texture", "gif", "glb", "fit", "checkpoint")
 
 # error kinds a client can switch on
 ERROR_KINDS = (
@@ -73,6 +77,10 @@ def _is_opt_number_list(v: Any) -> bool:
     return v is None or _is_number_list(v)
 
 
+def _is_opt_output_list(v: Any) -> bool:
+    return v is None or (isinstance(v, list) and all(x in OUTPUT_NAMES for x in v))
+
+
 def _is_dict(v: Any) -> bool:
     return isinstance(v, dict)
 
@@ -102,6 +110,7 @@ SCHEMAS: dict[str, dict[str, Field]] = {
         "initial_weights": (_is_opt_number_list, False, "a list of finite numbers or null"),
         "config": (_is_dict, False, "an object of FitConfig fields"),
         "job_dir": (_is_opt_str, False, "a folder path or null"),
+        "outputs": (_is_opt_output_list, False, "a list of output names (" + ", ".join(OUTPUT_NAMES) + ") or null for all"),
     },
     "stop": {"id": (_is_opt_str, False, "a job id or null")},
     "shutdown": {},

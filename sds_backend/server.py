@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import BinaryIO, TextIO
 
 from . import __version__, protocol
+from .protocol import OUTPUT_NAMES
 
 log = logging.getLogger("sds_backend")
 KEEP_TEXTURES = 3   # live texture PNGs kept per job: the client may still be reading the previous one
@@ -32,7 +33,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(message)s")
-    return Server(args.device, sys.stdin.buffer, sys.stdout).serve()
+    # stdout is the protocol channel: anything else that prints (a library, a stray print) goes
+    # to stderr instead of corrupting it
+    protocol_out, sys.stdout = sys.stdout, sys.stderr
+    return Server(args.device, sys.stdin.buffer, protocol_out).serve()
 
 
 class Server:
@@ -176,7 +180,8 @@ class Server:
             config = FitConfig.from_dict(message.get("config") or {})
             request = FitRequest(prompt=message["prompt"], negative_prompt=message.get("negative_prompt") or "",
                                  out_dir=job_dir, model=message.get("model"), bundle=message.get("bundle"),
-                                 initial_weights=message.get("initial_weights"), config=config)
+                                 initial_weights=message.get("initial_weights"), config=config,
+                                 outputs=tuple(message.get("outputs") or OUTPUT_NAMES))
             job = self.backend.run(request, on_event=on_event, should_stop=self._stop.is_set)
         except ModelLoadError as exc:
             return error("model_error", str(exc))

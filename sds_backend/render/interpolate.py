@@ -47,8 +47,8 @@ def interpolate_pixels(attr: torch.Tensor, rast: Rasterization, faces: torch.Ten
     bary = rast.bary.to(attr.dtype)
     # one corner at a time keeps every intermediate at [C, P] (forward and backward)
     values = table.index_select(1, corner[0]) * bary[0]
-    values = values + table.index_select(1, corner[1]) * bary[1]
-    return values + table.index_select(1, corner[2]) * bary[2]
+    values = torch.addcmul(values, table.index_select(1, corner[1]), bary[1])
+    return torch.addcmul(values, table.index_select(1, corner[2]), bary[2])
 
 
 def texture(tex: torch.Tensor, uv: torch.Tensor, filter: str = "bilinear") -> torch.Tensor:
@@ -98,7 +98,11 @@ def to_image(values: torch.Tensor, rast: Rasterization, background: torch.Tensor
     without copying.
     """
     channels = values.shape[0]
-    background = torch.as_tensor(background, dtype=values.dtype, device=values.device).reshape(-1, 1)
-    dense = background.expand(channels, rast.num_pixels).clone().index_copy_(1, rast.pixels, values)
+    if isinstance(background, (int, float)) and background == 0:
+        dense = values.new_zeros(channels, rast.num_pixels)       # calloc'd: no fill pass
+    else:
+        background = torch.as_tensor(background, dtype=values.dtype, device=values.device).reshape(-1, 1)
+        dense = background.expand(channels, rast.num_pixels).clone()
+    dense.index_copy_(1, rast.pixels, values)
     return dense.view(channels, rast.batch, *rast.resolution).permute(1, 2, 3, 0)
 

@@ -103,9 +103,12 @@ def test_fit_progress_texture_stop_second_fit_shutdown(server, tiny_sd_dir, tmp_
 
     # 3. the same process serves another fit after a stop
     server.send("fit", id="third", prompt="a child", model=str(tiny_sd_dir), config=dict(FAST, shape_steps=2),
-                job_dir=str(tmp_path / "c"))
+                job_dir=str(tmp_path / "c"), outputs=["weights"])
     done, _ = server.until("done")
     assert done["id"] == "third" and done["iterations"] == 2
+    # only the requested output is written: a client that exports itself gets `done` sooner
+    assert set(done["outputs"]) == {"weights"}
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["weights.json"]
 
     # 4. shutdown ends the process cleanly
     server.send("shutdown")
@@ -167,6 +170,7 @@ def _malformed_inputs(model: str, tmp_path: Path) -> list[tuple[bytes, str]]:
         (fit(bundle=str(tmp_path / "broken.npz")), "bundle_error"),
         (fit(bundle=5), "bad_message"),
         (fit(job_dir=7), "bad_message"),
+        (fit(outputs=["weights", "movie"]), "bad_message"),
         (line({"v": 1, "type": "stop"}), "bad_request"),                          # nothing running
         (line({"v": 1, "type": "stop", "id": 3}), "bad_message"),
     ]
