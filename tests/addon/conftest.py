@@ -28,6 +28,23 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 
+
+def _path_without_pyenv_interpreter(path: str) -> str:
+    """PATH without the folders a pyenv shim prepends for the interpreter it starts.
+
+    Debian's Blender embeds the system libpython and takes its prefix from the first python3.x
+    on PATH: run from under a pyenv shim (e.g. `python3 tests/run_all.py`), it would load pyenv's
+    standard library and lose /usr/lib/python3/dist-packages, numpy included.
+    """
+    root = os.environ.get("PYENV_ROOT") or os.path.expanduser("~/.pyenv")
+    prepended = (os.path.join(root, "versions") + os.sep, os.path.join(root, "libexec"),
+                 os.path.join(root, "plugins") + os.sep)
+    return os.pathsep.join(entry for entry in path.split(os.pathsep)
+                           if not entry.startswith(prepended) or entry.endswith("shims"))
+
+
+os.environ["PATH"] = _path_without_pyenv_interpreter(os.environ.get("PATH", ""))
+
 _real_connect = socket.socket.connect
 
 
