@@ -117,6 +117,8 @@ class FitRequest:
     initial_weights: list[float] | None = None
     config: dict[str, Any] = field(default_factory=dict)
     job_dir: str | None = None
+    # the add-on exports from the scene itself: the backend only writes what it needs to apply
+    outputs: list[str] = field(default_factory=lambda: ["weights", "texture"])
 
 
 @dataclass
@@ -338,7 +340,7 @@ class Backend:
         job_id = uuid.uuid4().hex[:12]
         self._send("fit", id=job_id, prompt=request.prompt, negative_prompt=request.negative_prompt,
                    model=request.model, bundle=request.bundle, initial_weights=request.initial_weights,
-                   config=dict(request.config), job_dir=request.job_dir)
+                   config=dict(request.config), job_dir=request.job_dir, outputs=list(request.outputs))
         self.job_id = job_id
         self._stop_sent_at = None
         self._last_message_at = time.monotonic()

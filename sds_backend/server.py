@@ -33,6 +33,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(message)s")
+    if "OMP_NUM_THREADS" not in os.environ:
+        # leave a core to the client (Blender's UI): CPU ops that spin on every core against a
+        # busy main thread run many times slower, not just a little
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
     # stdout is the protocol channel: anything else that prints (a library, a stray print) goes
     # to stderr instead of corrupting it
     protocol_out, sys.stdout = sys.stdout, sys.stderr

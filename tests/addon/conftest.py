@@ -27,6 +27,9 @@ HERE = Path(__file__).resolve().parent
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+# the backends these tests start share two cores with Blender and the test process: one torch
+# thread each keeps them from spinning against one another
+os.environ["OMP_NUM_THREADS"] = "1"
 
 
 def _path_without_pyenv_interpreter(path: str) -> str:
