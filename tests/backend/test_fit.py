@@ -191,3 +191,16 @@ def test_fit_command_writes_all_outputs(tiny_sd_dir, tmp_path):
                           "--model", str(tmp_path / "nowhere")], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "cannot load Stable Diffusion model" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_fit_runs_on_cuda_in_float16(tiny_sd_dir):
+    from sds_backend.guidance import StableDiffusionGuidance
+
+    guidance = StableDiffusionGuidance.from_config(GuidanceConfig(model=str(tiny_sd_dir)), "cuda")
+    assert guidance.weights_dtype == torch.float16
+    config = FitConfig(stages=("shape", "texture"), shape_steps=3, texture_steps=2, render_size=64, texture_size=64)
+    result = Fitter(synthetic_model(6), guidance, config).run("a face")
+    assert np.isfinite(result.weights).all() and result.iterations == 5
+    assert np.abs(result.weights).max() > 0

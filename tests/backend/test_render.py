@@ -288,3 +288,21 @@ def test_inverse_rendering_recovers_synthetic_weights():
         schedule.step()
     relative_error = ((weights.detach() - target).norm() / target.norm()).item()
     assert relative_error <= 0.05, relative_error
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_cpu():
+    vertices, faces = uv_sphere(40, 80)
+    cams = camera.orbit_cameras(torch.tensor([25.0, -60.0]), torch.tensor([15.0, 0.0]), 3.0, fov_deg=45)
+    results = []
+    for device in ("cpu", "cuda"):
+        v = vertices.float().to(device).requires_grad_(True)
+        f = faces.to(device)
+        cams_on = camera.Cameras(*(t.to(device) for t in (cams.world_to_view, cams.projection, cams.yaw_deg, cams.pitch_deg)))
+        out = shading.render_mesh(v, f, cams_on, 96)
+        out.image.sum().backward()
+        results.append((out.image.detach().cpu(), v.grad.cpu()))
+    (image_cpu, grad_cpu), (image_cuda, grad_cuda) = results
+    assert (image_cpu - image_cuda).abs().max() < 1e-3
+    assert torch.allclose(grad_cpu, grad_cuda, rtol=1e-2, atol=1e-3 * grad_cpu.abs().max())
