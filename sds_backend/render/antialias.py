@@ -132,8 +132,8 @@ def antialias(color: torch.Tensor, rast: Rasterization, clip_verts: torch.Tensor
 def _visible_side_edges(clip_verts, faces, topology, height, width):
     """Silhouette edges of every batch item in screen space.
 
-    -> screen (no grad) [5, M]: x_a, y_a, x_c, y_c, plus z_a, z_c and x_o, y_o of the vertex
-       that marks the covered side, packed as [8, M]; grad_screen [4, M] the endpoint
+    -> screen (no grad) [8, M]: x_a, y_a, x_c, y_c of the endpoints, their NDC depths z_a, z_c,
+       and x_o, y_o of the vertex that marks the covered side; grad_screen [4, M]: the endpoint
        coordinates with autograd; batch index [M]. None when there is no silhouette edge.
     """
     batch, num_vertices = clip_verts.shape[:2]
