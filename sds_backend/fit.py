@@ -19,6 +19,8 @@ repeatable; checkpoints store that generator's state, and `resume` continues bit
 """
 from __future__ import annotations
 
+import hashlib
+import logging
 import math
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -33,6 +35,7 @@ from .guidance import StableDiffusionGuidance, TimestepSchedule
 from .morphable import MorphableModel
 from .render import camera, prepare_topology, shading
 
+log = logging.getLogger("sds_backend")
 Stage = Literal["shape", "texture"]
 Shading = Literal["mixed", "lambert", "normal"]
 TextureParam = Literal["pyramid", "rgb"]
@@ -145,8 +148,9 @@ def check_fit_config(config: FitConfig) -> None:
     def is_number(value: Any) -> bool:
         return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
-    if (not isinstance(config.stages, tuple) or not config.stages or len(set(config.stages)) != len(config.stages)
-            or any(stage not in get_args(Stage) for stage in config.stages)):
+    if (not isinstance(config.stages, tuple) or not config.stages
+            or any(not isinstance(stage, str) or stage not in get_args(Stage) for stage in config.stages)
+            or len(set(config.stages)) != len(config.stages)):
         fail("stages", "a non-empty list of distinct 'shape' / 'texture'")
     if list(config.stages) != sorted(config.stages, key=("shape", "texture").index):
         fail("stages", "'shape' before 'texture'")
@@ -155,8 +159,8 @@ def check_fit_config(config: FitConfig) -> None:
                             ("texture_every", 1, 100_000), ("checkpoint_every", 0, 100_000), ("gif_frames", 1, 500)):
         if not is_int(getattr(config, name)) or not low <= getattr(config, name) <= high:
             fail(name, f"an integer in [{low}, {high}]")
-    if not is_int(config.seed):
-        fail("seed", "an integer")
+    if not is_int(config.seed) or not 0 <= config.seed < 2 ** 63:
+        fail("seed", "an integer in [0, 2**63)")
     if config.guidance_resolution is not None and (not is_int(config.guidance_resolution)
                                                    or not 64 <= config.guidance_resolution <= 2048
                                                    or config.guidance_resolution % 8):
@@ -192,7 +196,7 @@ def check_fit_config(config: FitConfig) -> None:
     for name in ("shape_t_max_end", "texture_t_max_end"):
         value = getattr(config, name)
         if value is not None and (not is_number(value) or not config.t_min <= value <= 1):
-            fail(name, f"null or a number in [t_min={config.t_min}, 1]")
+            fail(name, f"null or a number in [t_min={config.t_min}, 1] (set it along with t_min)")
 
 
 # ------------------------------------------------------------------------------------------ events
@@ -234,6 +238,7 @@ class FitResult:
     seconds: float
     losses: list[float] = field(default_factory=list)
     snapshots: list[Snapshot] = field(default_factory=list)
+    skipped_steps: int = 0          # steps dropped because their gradient was not finite
 
 
 class PhaseTimer:
@@ -362,7 +367,7 @@ class Fitter:
             weights=state.weights.detach().cpu().numpy().astype(np.float32),
             texture=self.texture_image(state) if state.texture_levels is not None else None,
             stopped=stopped, iterations=iterations, seconds=time.perf_counter() - started,
-            losses=list(state.losses), snapshots=list(state.snapshots),
+            losses=list(state.losses), snapshots=list(state.snapshots), skipped_steps=state.skipped_steps,
         )
 
     # -------------------------------------------------------------------------------- stages
@@ -430,6 +435,14 @@ class Fitter:
         timer.mark("backward")
         loss.backward()
         timer.mark("optimizer")
+        params = [state.weights] if stage == "shape" else state.texture_levels
+        if not all(bool(torch.isfinite(p.grad).all()) for p in params if p.grad is not None):
+            # an fp16 overflow somewhere in the backward: this step carries no usable direction,
+            # and one NaN would poison Adam's moments (and the weights) for good
+            state.skipped_steps += 1
+            log.warning("step %d of the %s stage: non-finite gradient, step skipped", state.step + 1, stage)
+            timer.mark(None)
+            return float("nan"), float(t.float().mean()) / self.guidance.num_train_timesteps
         if stage == "shape":
             if config.grad_clip:
                 torch.nn.utils.clip_grad_norm_([state.weights], config.grad_clip)
@@ -521,6 +534,7 @@ class FitState:
     generator_state: torch.Tensor
     losses: list[float]
     snapshots: list[Snapshot]
+    skipped_steps: int = 0                      # steps dropped for a non-finite gradient
 
 
 def save_checkpoint(path: str | Path, fitter: Fitter, state: FitState) -> None:
@@ -531,6 +545,7 @@ def save_checkpoint(path: str | Path, fitter: Fitter, state: FitState) -> None:
         "config": fitter.config.to_dict(),
         "prompt": fitter.guidance.prompt, "negative_prompt": fitter.guidance.negative_prompt,
         "model_id": fitter.guidance.model.model_id, "num_components": fitter.model.num_components,
+        "bundle_digest": bundle_digest(fitter.model), "skipped_steps": state.skipped_steps,
         "stage_index": state.stage_index, "step": state.step,
         "weights": state.weights.detach().cpu(),
         "texture_levels": None if state.texture_levels is None else [t.detach().cpu() for t in state.texture_levels],
@@ -548,12 +563,16 @@ def load_checkpoint(path: str | Path, fitter: Fitter, prompt: str, negative_prom
     """State to resume from; refuses a checkpoint of another prompt, model size or config."""
     try:
         payload = torch.load(Path(path), map_location="cpu", weights_only=False)
-    except (OSError, RuntimeError, EOFError) as exc:
-        raise ValueError(f"cannot read checkpoint {path}: {exc}") from None
-    if payload.get("version") != CHECKPOINT_VERSION:
-        raise ValueError(f"checkpoint {path}: version {payload.get('version')!r}, expected {CHECKPOINT_VERSION}")
-    if payload["num_components"] != fitter.model.num_components:
-        raise ValueError(f"checkpoint {path} has {payload['num_components']} components, the model has {fitter.model.num_components}")
+    except Exception as exc:  # truncated, garbage, or from another program: unpickling raises anything
+        raise ValueError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from None
+    if not isinstance(payload, dict) or payload.get("version") != CHECKPOINT_VERSION:
+        found = payload.get("version") if isinstance(payload, dict) else type(payload).__name__
+        raise ValueError(f"checkpoint {path}: not an SDS Head checkpoint of version {CHECKPOINT_VERSION} (found {found!r})")
+    if payload["num_components"] != fitter.model.num_components or payload.get("bundle_digest") != bundle_digest(fitter.model):
+        raise ValueError(f"checkpoint {path} was made for another morphable model; resume with the same bundle")
+    if payload["model_id"] != fitter.guidance.model.model_id:
+        raise ValueError(f"checkpoint {path} was made with model {payload['model_id']!r}, not "
+                         f"{fitter.guidance.model.model_id!r}; resume with the same model")
     if (payload["prompt"], payload["negative_prompt"]) != (prompt, negative_prompt):
         raise ValueError(f"checkpoint {path} was made for prompt {payload['prompt']!r}, not {prompt!r}")
     if payload["config"] != fitter.config.to_dict():
@@ -567,5 +586,14 @@ def load_checkpoint(path: str | Path, fitter: Fitter, prompt: str, negative_prom
         optimizer_state=payload["optimizer_state"], generator_state=payload["generator_state"],
         losses=list(payload["losses"]),
         snapshots=[Snapshot(i, w, t) for i, w, t in payload["snapshots"]],
+        skipped_steps=int(payload.get("skipped_steps", 0)),
     )
+
+
+def bundle_digest(model: MorphableModel) -> str:
+    """Identity of a morphable model's geometry, so a checkpoint resumes only on the same one."""
+    digest = hashlib.sha256()
+    for array in (model.mean, model.basis, model.faces):
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()[:16]
 

@@ -7,6 +7,7 @@ looking like open boundaries to the renderer, while `uv_faces` keeps the per-cor
 from __future__ import annotations
 
 import json
+import logging
 import struct
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import numpy as np
 
 from .morphable import BundleError, MorphableModel
 
+log = logging.getLogger("sds_backend")
 _COMPONENTS = {"SCALAR": 1, "VEC2": 2, "VEC3": 3, "VEC4": 4}
 _DTYPES = {5120: np.int8, 5121: np.uint8, 5122: np.int16, 5123: np.uint16, 5125: np.uint32, 5126: np.float32}
 
@@ -40,9 +42,12 @@ def read_glb(path: Path) -> tuple[dict, bytes]:
 
 
 def _accessor(document: dict, binary: bytes, index: int) -> np.ndarray:
+    """Accessor `index` as a numpy array [count] or [count, width]; normalized integers become floats."""
     accessor = document["accessors"][index]
     if "sparse" in accessor:
         raise BundleError("sparse accessors are not supported; export the morph targets densely")
+    if "bufferView" not in accessor:
+        raise BundleError("an accessor has no data (compressed with Draco or meshopt?); export uncompressed")
     view = document["bufferViews"][accessor["bufferView"]]
     dtype = np.dtype(_DTYPES[accessor["componentType"]])
     width = _COMPONENTS[accessor["type"]]
@@ -52,6 +57,9 @@ def _accessor(document: dict, binary: bytes, index: int) -> np.ndarray:
     raw = np.frombuffer(binary, dtype=np.uint8, count=stride * (count - 1) + dtype.itemsize * width, offset=start)
     rows = np.lib.stride_tricks.as_strided(raw, shape=(count, dtype.itemsize * width), strides=(stride, 1))
     array = np.ascontiguousarray(rows).view(dtype).reshape(count, width)
+    if accessor.get("normalized") and np.issubdtype(dtype, np.integer):
+        # glTF's normalized integers: unsigned map to [0, 1], signed to [-1, 1]
+        array = np.maximum(array.astype(np.float64) / np.iinfo(dtype).max, -1.0)
     return array[:, 0] if width == 1 else array
 
 
@@ -69,6 +77,13 @@ def morphable_from_glb(path: str | Path) -> MorphableModel:
         raise BundleError(f"{path}: no mesh with POSITION in the file ({exc})") from None
     if len(mesh["primitives"]) > 1:
         raise BundleError(f"{path}: the first mesh has {len(mesh['primitives'])} primitives; join them into one")
+    if primitive.get("mode", 4) != 4:
+        raise BundleError(f"{path}: the mesh is drawn with glTF mode {primitive['mode']}; only triangle lists (4) "
+                          "are supported")
+    if any(key in node for node in document.get("nodes", []) if node.get("mesh") == 0
+           for key in ("matrix", "rotation", "scale")):
+        log.warning("%s: the mesh's node transform is ignored; the bundle uses the mesh's own coordinates "
+                    "(glTF axes: +Y up, +Z forward, metres)", path)
     if not targets:
         raise BundleError(f"{path}: the mesh has no morph targets (shape keys) to fit")
     indices = (_accessor(document, binary, primitive["indices"]) if "indices" in primitive

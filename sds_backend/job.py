@@ -7,6 +7,7 @@ model work, runs the Fitter and writes the outputs.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -77,9 +78,13 @@ class Backend:
         """Load (once) the diffusion model; raises guidance.ModelLoadError with advice."""
         model = model or default_model_id()
         if model not in self._models:
+            # one model at a time: drop the previous one first so two never share the accelerator
+            self._models.clear()
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
             log.info("loading diffusion model %s on %s", model, self.device)
             dtype = resolve_dtype("auto", self.device)
-            self._models = {model: load_model(model, dtype, self.device)}   # keep one: accelerator memory
+            self._models[model] = load_model(model, dtype, self.device)
         return self._models[model]
 
     def bundle(self, path: str | None) -> MorphableModel:
@@ -90,8 +95,11 @@ class Backend:
             self._bundles = {key: MorphableModel.load(path)}
         return self._bundles[key]
 
-    def run(self, request: FitRequest, on_event: Callable[[FitEvent], None] | None = None,
-            should_stop: Callable[[], bool] | None = None) -> JobResult:
+    def prepare(self, request: FitRequest) -> "PreparedJob":
+        """Check the request and load what it needs; every caller mistake surfaces here.
+
+        Raises ValueError (bad request), morphable.BundleError or guidance.ModelLoadError.
+        """
         check_prompt(request.prompt, request.negative_prompt)
         model = self.bundle(request.bundle)
         if request.initial_weights is not None and len(request.initial_weights) != model.num_components:
@@ -99,8 +107,11 @@ class Backend:
                              f"the bundle), got {len(request.initial_weights)}")
         if "texture" in request.config.stages and not model.uv.any():
             raise ValueError("stages: the texture stage needs UV coordinates, and this mesh has none")
-        out_dir = Path(request.out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
+        out_dir = Path(request.out_dir).expanduser()
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ValueError(f"out_dir: cannot create {out_dir}: {exc.strerror}") from None
         diffusion = self.diffusion_model(request.model)
         unet_parameters = sum(p.numel() for p in diffusion.unet.parameters())
         if self.device.type == "cpu" and unet_parameters > 100_000_000:
@@ -113,12 +124,33 @@ class Backend:
         if request.resume and checkpoint.exists():
             state = load_checkpoint(checkpoint, fitter, request.prompt, request.negative_prompt)
             log.info("resuming from %s at stage %d, step %d", checkpoint, state.stage_index, state.step)
+        return PreparedJob(request, out_dir, model, fitter, checkpoint, state)
+
+    def run(self, request: FitRequest, on_event: Callable[[FitEvent], None] | None = None,
+            should_stop: Callable[[], bool] | None = None) -> JobResult:
+        return self.prepare(request).run(on_event, should_stop)
+
+
+@dataclass
+class PreparedJob:
+    """A checked request with its model loaded: running it can only fail for internal reasons."""
+
+    request: FitRequest
+    out_dir: Path
+    model: MorphableModel
+    fitter: Fitter
+    checkpoint: Path
+    state: object | None
+
+    def run(self, on_event: Callable[[FitEvent], None] | None = None,
+            should_stop: Callable[[], bool] | None = None) -> JobResult:
+        request = self.request
         keep_checkpoint = "checkpoint" in request.outputs
-        result = fitter.run(request.prompt, request.negative_prompt, request.initial_weights, on_event, should_stop,
-                            state=state, checkpoint=checkpoint if keep_checkpoint else None)
-        outputs = write_outputs(out_dir, model, result, request, diffusion.model_id)
+        result = self.fitter.run(request.prompt, request.negative_prompt, request.initial_weights, on_event,
+                                 should_stop, state=self.state, checkpoint=self.checkpoint if keep_checkpoint else None)
+        outputs = write_outputs(self.out_dir, self.model, result, request, self.fitter.guidance.model.model_id)
         if keep_checkpoint:
-            outputs["checkpoint"] = str(checkpoint)
+            outputs["checkpoint"] = str(self.checkpoint)
         return JobResult(result, outputs)
 
 
@@ -150,7 +182,8 @@ def write_outputs(out_dir: Path, model: MorphableModel, result: FitResult, reque
             "prompt": request.prompt, "negative_prompt": request.negative_prompt, "model": model_id,
             "bundle": str(request.bundle or DEFAULT_BUNDLE), "config": request.config.to_dict(),
             "iterations": result.iterations, "stopped": result.stopped, "seconds": round(result.seconds, 3),
-            "final_loss": result.losses[-1] if result.losses else None, "sds_head_version": __version__,
+            "final_loss": next((x for x in reversed(result.losses) if math.isfinite(x)), None),
+            "skipped_steps": result.skipped_steps, "sds_head_version": __version__,
             "torch": torch.__version__,
             "weights": {n: float(w) for n, w in zip(model.names, np.asarray(result.weights))},
         })

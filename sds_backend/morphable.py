@@ -162,6 +162,8 @@ class MorphableModel:
         if num_vertices < 3:
             raise BundleError(f"field 'mean' needs at least 3 vertices, got {num_vertices}")
         _check_float(basis, "basis", 3, (None, num_vertices, 3))
+        if basis.shape[0] == 0:
+            raise BundleError("field 'basis' has no components: a morphable model needs at least one")
         if len(self.names) != basis.shape[0]:
             raise BundleError(f"field 'names' has {len(self.names)} entries but 'basis' has K={basis.shape[0]} components")
         _check_names(self.names, "names")

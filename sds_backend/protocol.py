@@ -7,11 +7,13 @@ the add-on's bridge imports the very same file. One JSON object per line, UTF-8,
 Client -> backend
     fit       id, prompt, [negative_prompt], [model], [bundle], [initial_weights], [config], [job_dir],
               [outputs]                  subset of OUTPUT_NAMES to write (default: all)
-    stop      [id]                      cooperative: the fit ends within one iteration
+    stop      [id]                      cooperative: the fit ends within one iteration; a stop for no
+                                        running fit (or another one) is ignored
     shutdown                            the backend exits after the current message
 Backend -> client
     hello     version, protocol, device, model, torch, diffusers, pid
-    progress  id, iteration, total, stage, loss, t, weights, seconds
+    progress  id, iteration, total, stage, loss, t, weights, seconds   (stage "loading": heartbeat
+                                        with iteration 0 every few seconds while the model loads)
     texture   id, iteration, path        PNG written atomically into the job folder
     done      id, weights, outputs, stopped, iterations, seconds    (stopped=True: user cancel)
     error     id, kind, message, recoverable, [traceback]
@@ -78,7 +80,7 @@ def _is_opt_number_list(v: Any) -> bool:
 
 
 def _is_opt_output_list(v: Any) -> bool:
-    return v is None or (isinstance(v, list) and all(x in OUTPUT_NAMES for x in v))
+    return v is None or (isinstance(v, list) and all(isinstance(x, str) and x in OUTPUT_NAMES for x in v))
 
 
 def _is_dict(v: Any) -> bool:
@@ -110,7 +112,8 @@ SCHEMAS: dict[str, dict[str, Field]] = {
         "initial_weights": (_is_opt_number_list, False, "a list of finite numbers or null"),
         "config": (_is_dict, False, "an object of FitConfig fields"),
         "job_dir": (_is_opt_str, False, "a folder path or null"),
-        "outputs": (_is_opt_output_list, False, "a list of output names (" + ", ".join(OUTPUT_NAMES) + ") or null for all"),
+        "outputs": (_is_opt_output_list, False,
+                    "a list of output names (" + ", ".join(OUTPUT_NAMES) + "; [] for none) or null for all"),
     },
     "stop": {"id": (_is_opt_str, False, "a job id or null")},
     "shutdown": {},
@@ -127,7 +130,7 @@ SCHEMAS: dict[str, dict[str, Field]] = {
         "id": (_is_str, True, "a string"),
         "iteration": (_is_int, True, "an integer"),
         "total": (_is_int, True, "an integer"),
-        "stage": (_is_str, True, "'shape' or 'texture'"),
+        "stage": (_is_str, True, "'shape', 'texture', or 'loading' (iteration 0, while the model loads)"),
         "loss": (_is_opt_number, True, "a finite number or null"),
         "t": (_is_opt_number, True, "a finite number or null"),
         "weights": (_is_number_list, True, "a list of finite numbers"),
@@ -167,11 +170,11 @@ def check_message(message: Any, allowed_types: tuple[str, ...] | None = None) ->
     if not isinstance(message, dict):
         raise ProtocolError("bad_message", f"a message must be a JSON object, got {type(message).__name__}")
     version = message.get("v")
-    if version != PROTOCOL_VERSION:
-        raise ProtocolError("bad_message", f"field 'v' must be {PROTOCOL_VERSION}, got {version!r}")
+    if type(version) is not int or version != PROTOCOL_VERSION:
+        raise ProtocolError("bad_message", f"field 'v' must be the integer {PROTOCOL_VERSION}, got {version!r}")
     kind = message.get("type")
     accepted = allowed_types or tuple(SCHEMAS)
-    if kind not in SCHEMAS:
+    if not isinstance(kind, str) or kind not in SCHEMAS:
         raise ProtocolError("bad_message", f"unknown message type {kind!r}; expected one of {', '.join(accepted)}")
     if kind not in accepted:
         raise ProtocolError("bad_message", f"message type {kind!r} is not accepted here; expected one of {', '.join(accepted)}")
@@ -206,6 +209,8 @@ def decode(line: str | bytes, allowed_types: tuple[str, ...] | None = None) -> d
         message = json.loads(line, parse_constant=_reject_constant)
     except json.JSONDecodeError as exc:
         raise ProtocolError("bad_message", f"line is not valid JSON: {exc.msg} at column {exc.colno}") from None
+    except (ValueError, RecursionError) as exc:   # e.g. a 5000-digit integer, brackets nested 100000 deep
+        raise ProtocolError("bad_message", f"line cannot be decoded: {type(exc).__name__}: {str(exc)[:200]}") from None
     return check_message(message, allowed_types)
 
 

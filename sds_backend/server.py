@@ -14,6 +14,7 @@ import queue
 import sys
 import tempfile
 import threading
+import time
 import traceback
 from pathlib import Path
 from typing import BinaryIO, TextIO
@@ -39,9 +40,14 @@ def run(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
-    # stdout is the protocol channel: anything else that prints (a library, a stray print) goes
-    # to stderr instead of corrupting it
-    protocol_out, sys.stdout = sys.stdout, sys.stderr
+    # stdout is the protocol channel. Everything else that writes there — a stray print, a C
+    # library or CUDA printf writing to file descriptor 1 — is sent to stderr instead: the
+    # protocol keeps a private duplicate of the original descriptor.
+    sys.stdout.flush()
+    protocol_fd = os.dup(1)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    protocol_out = os.fdopen(protocol_fd, "w", encoding="utf-8", buffering=1)
     return Server(args.device, sys.stdin.buffer, protocol_out).serve()
 
 
@@ -89,60 +95,66 @@ class Server:
                 log.info("shutting down")
                 return 0
             final_type, fields = self._run_fit(request)
-            # the job is over before the client hears so: a fit sent right after `done` is accepted
+            # Clearing the job and announcing its end happen together, so a `fit` sent right after
+            # `done` is accepted and a `stop` racing the end is never taken for the next job.
             with self._busy_lock:
                 self._busy_id = None
-            self.send(final_type, **fields)
+                try:
+                    self.send(final_type, **fields)
+                except (ValueError, TypeError) as exc:      # e.g. weights that went non-finite
+                    self.send_error("internal", f"cannot report the end of fit {fields.get('id')!r}: {exc}",
+                                    fields.get("id"))
 
     def _read_loop(self) -> None:
         """Parse stdin; answer bad lines; flag stops; queue fits and shutdown. EOF means shutdown."""
-        while True:
-            try:
-                line = self.stdin.readline(protocol.MAX_LINE_BYTES + 1)
-            except (OSError, ValueError):
-                line = b""
-            if not line:
-                self._stop.set()
-                self._requests.put(None)
-                return
-            if len(line) > protocol.MAX_LINE_BYTES and not line.endswith(b"\n"):
-                self._discard_rest_of_line()
-                self.send_error("bad_message", f"line exceeds the {protocol.MAX_LINE_BYTES}-byte limit; ignored")
-                continue
-            if not line.strip():
-                continue
-            try:
-                message = protocol.decode(line.rstrip(b"\r\n"), allowed_types=protocol.CLIENT_TYPES)
-            except protocol.ProtocolError as exc:
-                self.send_error(exc.kind, str(exc))
-                continue
-            kind = message["type"]
+        try:
+            while self._read_one():
+                pass
+        finally:  # whatever ends the reader, the main loop must not wait for requests forever
+            self._stop.set()
+            self._requests.put(None)
+
+    def _read_one(self) -> bool:
+        """Handle one line; False when input ended or shutdown arrived."""
+        try:
+            line = self.stdin.readline(protocol.MAX_LINE_BYTES + 1)
+        except (OSError, ValueError):
+            return False
+        if not line:
+            return False
+        if len(line) > protocol.MAX_LINE_BYTES and not line.endswith(b"\n"):
+            self._discard_rest_of_line()
+            self.send_error("bad_message", f"line exceeds the {protocol.MAX_LINE_BYTES}-byte limit; ignored")
+            return True
+        if not line.strip():
+            return True
+        try:
+            message = protocol.decode(line.rstrip(b"\r\n"), allowed_types=protocol.CLIENT_TYPES)
+        except protocol.ProtocolError as exc:
+            self.send_error(exc.kind, str(exc))
+            return True
+        except Exception as exc:  # a decoder bug must not kill the reader (the server would hang)
+            self.send_error("bad_message", f"line cannot be decoded: {type(exc).__name__}: {exc}")
+            return True
+        kind = message["type"]
+        if kind == "shutdown":
+            self._stop.set()
+            self._requests.put(message)
+            return False
+        with self._busy_lock:
+            running = self._busy_id
             if kind == "stop":
-                with self._busy_lock:
-                    running = self._busy_id
-                wanted = message.get("id")
-                if running is not None and wanted in (None, running):
+                # idempotent: a stop for no fit, or for one that already ended, changes nothing
+                if running is not None and message.get("id") in (None, running):
                     self._stop.set()
-                elif running is None:
-                    self.send_error("bad_request", "stop: no fit is running", job_id=wanted)
-                else:
-                    self.send_error("bad_request", f"stop: job {wanted!r} is not running (running: {running!r})",
-                                    job_id=wanted)
-            elif kind == "shutdown":
-                self._stop.set()
+                return True
+            if running is None and self._requests.empty():
+                self._busy_id = message["id"]
+                self._stop.clear()
                 self._requests.put(message)
-                return
-            else:
-                with self._busy_lock:
-                    busy = self._busy_id is not None or not self._requests.empty()
-                    if not busy:
-                        self._busy_id = message["id"]
-                if busy:
-                    self.send_error("busy", "a fit is already running; send stop first or wait for its done",
-                                    job_id=message["id"])
-                else:
-                    self._stop.clear()
-                    self._requests.put(message)
+                return True
+        self.send_error("busy", "a fit is already running; send stop first or wait for its done", job_id=message["id"])
+        return True
 
     def _discard_rest_of_line(self) -> None:
         while True:
@@ -161,7 +173,7 @@ class Server:
 
         job_id = message["id"]
         textures: list[Path] = []
-        job_dir = Path(message.get("job_dir") or Path(tempfile.gettempdir()) / "sds-head-jobs" / _safe(job_id))
+        job_dir = Path(message.get("job_dir") or Path(tempfile.gettempdir()) / "sds-head-jobs" / _safe(job_id)).expanduser()
 
         def on_event(event) -> None:
             if isinstance(event, ProgressEvent):
@@ -184,23 +196,58 @@ class Server:
 
         try:
             config = FitConfig.from_dict(message.get("config") or {})
+            outputs = message.get("outputs")
             request = FitRequest(prompt=message["prompt"], negative_prompt=message.get("negative_prompt") or "",
                                  out_dir=job_dir, model=message.get("model"), bundle=message.get("bundle"),
                                  initial_weights=message.get("initial_weights"), config=config,
-                                 outputs=tuple(message.get("outputs") or OUTPUT_NAMES))
-            job = self.backend.run(request, on_event=on_event, should_stop=self._stop.is_set)
+                                 outputs=OUTPUT_NAMES if outputs is None else tuple(outputs))
+            bundle = self.backend.bundle(request.bundle)
+            total = sum(config.steps_of(stage) for stage in config.stages)
+            weights = list(request.initial_weights or [0.0] * bundle.num_components)
+            with _Heartbeat(lambda seconds: self.send("progress", id=job_id, iteration=0, total=total, stage="loading",
+                                                      loss=None, t=None, weights=weights, seconds=round(seconds, 3))):
+                prepared = self.backend.prepare(request)
         except ModelLoadError as exc:
             return error("model_error", str(exc))
         except BundleError as exc:
             return error("bundle_error", str(exc))
         except (ValueError, TypeError) as exc:
             return error("bad_request", str(exc))
-        except Exception as exc:  # a bug or a resource failure: report it, keep serving
+        except Exception as exc:
+            log.exception("fit %s could not start", job_id)
+            return error("internal", f"{type(exc).__name__}: {exc}", traceback.format_exc())
+        try:
+            job = prepared.run(on_event=on_event, should_stop=self._stop.is_set)
+        except Exception as exc:  # past validation, any failure is ours: report it, keep serving
             log.exception("fit %s failed", job_id)
             return error("internal", f"{type(exc).__name__}: {exc}", traceback.format_exc())
         result = job.result
         return "done", {"id": job_id, "weights": [float(w) for w in result.weights], "outputs": job.outputs,
                         "stopped": result.stopped, "iterations": result.iterations, "seconds": round(result.seconds, 3)}
+
+
+class _Heartbeat:
+    """Calls beat(seconds) every `every` seconds until the block ends (slow model loads)."""
+
+    def __init__(self, beat, every: float = 5.0):
+        self.beat, self.every = beat, every
+        self._done = threading.Event()
+
+    def __enter__(self):
+        started = time.monotonic()
+
+        def loop():
+            while not self._done.wait(self.every):
+                self.beat(time.monotonic() - started)
+
+        self._thread = threading.Thread(target=loop, name="heartbeat", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._done.set()
+        self._thread.join()
+        return False
 
 
 def _safe(job_id: str) -> str:

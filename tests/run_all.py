@@ -20,23 +20,22 @@ SUITES = [
 
 
 def main(argv: list[str]) -> int:
-    failed = []
+    failed, skipped = [], []
     for name, venv, folder in SUITES:
         python = venv / "bin" / "python"
         if not python.exists():
-            print(f"\n=== {name} tests: SKIPPED ({python} missing; run `python3 install.py --dev`)", flush=True)
-            if name == "backend":
-                failed.append(name)
-            continue
-        if not folder.is_dir():
-            print(f"\n=== {name} tests: SKIPPED (no {folder.relative_to(ROOT)} folder)", flush=True)
+            reason = f"{python.relative_to(ROOT)} missing; run `python3 install.py --dev`"
+            print(f"\n=== {name} tests: SKIPPED ({reason})", flush=True)
+            (failed if name == "backend" else skipped).append(f"{name} ({reason})")
             continue
         print(f"\n=== {name} tests ({python.relative_to(ROOT)} -m pytest {folder.relative_to(ROOT)})", flush=True)
         env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONDONTWRITEBYTECODE="1")
         result = subprocess.run([str(python), "-m", "pytest", str(folder), *argv], cwd=ROOT, env=env)
         if result.returncode != 0:
             failed.append(name)
-    print(f"\n=== {'FAILED: ' + ', '.join(failed) if failed else 'all suites passed'}", flush=True)
+    print("\n=== " + ("FAILED: " + ", ".join(failed) if failed else "every suite that ran passed"), flush=True)
+    if skipped:
+        print("=== NOT RUN: " + "; ".join(skipped), flush=True)
     return 1 if failed else 0
 
 

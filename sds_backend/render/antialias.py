@@ -182,6 +182,8 @@ def _scanline_crossings(screen, grad_screen, edge_batch, u_axis, v_axis, num_lin
     front-most crossing of each pair of neighbouring pixel centres, or None. The correction
     at the target pixel is scale * (out - in).
     """
+    if num_cells < 2:          # a one-pixel-wide image has no pair of pixel centres along the scanline
+        return None
     ua, va, uc, vc = grad_screen[u_axis], grad_screen[v_axis], grad_screen[2 + u_axis], grad_screen[2 + v_axis]
     du, dv = uc - ua, vc - va
     steepness = dv.abs() / (du.abs() + dv.abs()).clamp_min(1e-12)   # 1: perpendicular to the scanlines

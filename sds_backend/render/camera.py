@@ -42,7 +42,7 @@ class Cameras:
 
     def view_directions(self, points: torch.Tensor) -> torch.Tensor:
         """Unit vectors from each point toward its camera, float [B, V, 3]."""
-        eye = torch.linalg.inv(self.world_to_view)[:, :3, 3].to(points.dtype)
+        eye = torch.linalg.inv(self.world_to_view)[:, :3, 3].to(device=points.device, dtype=points.dtype)
         return torch.nn.functional.normalize(eye[:, None] - points, dim=-1)
 
 

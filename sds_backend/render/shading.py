@@ -103,7 +103,7 @@ def render_lambert(vertices: torch.Tensor, faces: torch.Tensor, cams: Cameras, r
 
 def _camera_normals(vertices, faces, cams, rast) -> torch.Tensor:
     """Unit normals of the covered pixels in camera space (x right, y up, z toward the viewer), [3, P]."""
-    rotation = cams.world_to_view[:, :3, :3].to(vertices.dtype)
+    rotation = cams.world_to_view[:, :3, :3].to(device=vertices.device, dtype=vertices.dtype)
     normals = interpolate_pixels(vertex_normals(vertices, faces) @ rotation.transpose(1, 2), rast, faces)
     return normals * torch.rsqrt((normals * normals).sum(0, keepdim=True).clamp_min(1e-24))
 

@@ -68,6 +68,46 @@ def test_oracle_fit_recovers_shape_weights(pipeline):
     assert relative_error <= 0.10, relative_error
 
 
+def _visible_texels(fitter: Fitter, views: int = 256) -> torch.Tensor:
+    """bool [S, S]: texels that get gradient from at least one of `views` cameras drawn from the
+    texture stage's distribution (the rest, e.g. the poles beyond the pitch range, are never seen)."""
+    from sds_backend.render import shading
+
+    size = fitter.config.texture_size
+    probe = torch.full((1, size, size, 3), 0.5, requires_grad=True)
+    cams = fitter.orbit["texture"].sample(views, fitter.radius, fitter.center.cpu(), torch.Generator().manual_seed(0))
+    render = shading.render_textured(fitter.tensors.mean, fitter.faces, fitter.uv, fitter.uv_faces, probe, cams,
+                                     fitter.config.render_size)
+    render.image.sum().backward()
+    return probe.grad[0].abs().sum(-1) > 0
+
+
+def test_oracle_fit_recovers_texture(pipeline):
+    import torch.nn.functional as F
+
+    model = synthetic_model(6)
+    # the stage's defaults (pyramid texture, lr, annealed t); lit renders all around the head
+    config = FitConfig(stages=("texture",), texture_steps=200, render_size=64, texture_size=64,
+                       event_every=50, texture_every=200)
+    fitter, _ = _oracle_fitter(pipeline, model, config)
+    # a smooth, colourful target far from the initial skin tone: sigmoid of an upsampled 6x6 grid
+    grid = 1.5 * torch.randn(1, 3, 6, 6, generator=torch.Generator().manual_seed(7))
+    target = torch.sigmoid(F.interpolate(grid, size=(64, 64), mode="bicubic", align_corners=False)).permute(0, 2, 3, 1)
+    target_state = fitter.initial_state()
+    target_state.texture_levels = [torch.logit(target)]    # one full-size level: Fitter.texture gives `target`
+    fitter.guidance.noise_predictor = OracleDenoiser(fitter, target_state)
+    visible = _visible_texels(fitter)
+    assert visible.float().mean() > 0.9
+
+    def psnr(texture: np.ndarray) -> float:
+        error = (torch.from_numpy(texture).float() / 255 - target[0]).pow(2).mean(-1)[visible].mean()
+        return float(10 * torch.log10(1 / error))
+
+    assert psnr(fitter.texture_image(fitter.initial_state())) < 12     # not the starting texture
+    result = fitter.run("anything")
+    assert psnr(result.texture) >= 25, psnr(result.texture)
+
+
 def _short_config(**changes):
     values = dict(stages=("shape", "texture"), shape_steps=5, texture_steps=4, render_size=32, texture_size=32,
                   event_every=1, texture_every=2, gif_frames=4, checkpoint_every=3)
@@ -117,17 +157,24 @@ def test_resume_continues_bit_for_bit(pipeline, tmp_path):
     whole = fitter.run("a face")
 
     checkpoint = tmp_path / "checkpoint.pt"
+    crash_copy = tmp_path / "as_of_a_crash.pt"
     fitter, _ = _oracle_fitter(pipeline, model, config)
     steps = []
-    interrupted = fitter.run("a face", on_event=lambda e: steps.append(e), should_stop=lambda: len(steps) >= 6,
-                             checkpoint=checkpoint)
+
+    def on_event(event):
+        steps.append(event)
+        if hasattr(event, "loss") and event.iteration == 4:   # the periodic checkpoint of iteration 3
+            crash_copy.write_bytes(checkpoint.read_bytes())
+
+    interrupted = fitter.run("a face", on_event=on_event, should_stop=lambda: len(steps) >= 6, checkpoint=checkpoint)
     assert interrupted.stopped
-    fitter, _ = _oracle_fitter(pipeline, model, config)
-    state = load_checkpoint(checkpoint, fitter, "a face")
-    resumed = fitter.run("a face", state=state)
-    assert resumed.iterations == whole.iterations
-    assert np.array_equal(resumed.weights, whole.weights)
-    assert np.array_equal(resumed.texture, whole.texture)
+    for saved in (checkpoint, crash_copy):      # a clean stop, and a crash after a periodic checkpoint
+        fitter, _ = _oracle_fitter(pipeline, model, config)
+        state = load_checkpoint(saved, fitter, "a face")
+        resumed = fitter.run("a face", state=state)
+        assert resumed.iterations == whole.iterations
+        assert np.array_equal(resumed.weights, whole.weights)
+        assert np.array_equal(resumed.texture, whole.texture)
     with pytest.raises(ValueError, match="made for prompt"):
         load_checkpoint(checkpoint, fitter, "another prompt")
     other, _ = _oracle_fitter(pipeline, model, _short_config(seed=3))
@@ -204,3 +251,28 @@ def test_fit_runs_on_cuda_in_float16(tiny_sd_dir):
     result = Fitter(synthetic_model(6), guidance, config).run("a face")
     assert np.isfinite(result.weights).all() and result.iterations == 5
     assert np.abs(result.weights).max() > 0
+
+
+def test_non_finite_gradients_skip_the_step_and_keep_the_weights(pipeline):
+    fitter, guidance = _oracle_fitter(pipeline, synthetic_model(6), _short_config(stages=("shape",), shape_steps=3))
+    encode = fitter.guidance.encode
+    fitter.guidance.encode = lambda image: encode(image) * float("inf")     # an fp16-style overflow
+    start = np.linspace(-0.5, 0.5, 6).astype(np.float32)
+    result = fitter.run("a face", initial_weights=start)
+    assert result.skipped_steps == 3 and result.iterations == 3
+    assert np.array_equal(result.weights, start)
+
+
+def test_corrupt_or_foreign_checkpoint_is_refused(pipeline, tmp_path):
+    fitter, _ = _oracle_fitter(pipeline, synthetic_model(6), _short_config())
+    (tmp_path / "garbage.pt").write_bytes(b"\x80\x04 certainly not a checkpoint")
+    with pytest.raises(ValueError, match="cannot read checkpoint"):
+        load_checkpoint(tmp_path / "garbage.pt", fitter, "a face")
+    torch.save([1, 2, 3], tmp_path / "list.pt")
+    with pytest.raises(ValueError, match="not an SDS Head checkpoint"):
+        load_checkpoint(tmp_path / "list.pt", fitter, "a face")
+    steps = []
+    fitter.run("a face", on_event=steps.append, should_stop=lambda: len(steps) >= 2, checkpoint=tmp_path / "c.pt")
+    other_model, _ = _oracle_fitter(pipeline, synthetic_model(6, seed=1), _short_config())
+    with pytest.raises(ValueError, match="another morphable model"):
+        load_checkpoint(tmp_path / "c.pt", other_model, "a face")

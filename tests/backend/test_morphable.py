@@ -69,6 +69,7 @@ CORRUPTIONS = {
     "mean wrong shape": (_corrupt("mean", np.zeros((6, 2), np.float32)), r"'mean' must have shape \[\?, 3\]"),
     "mean NaN": (_corrupt("mean", np.full((6, 3), np.nan, np.float32)), "'mean' contains NaN or inf"),
     "mean integer": (_corrupt("mean", np.zeros((6, 3), np.int32)), "'mean' must be a float array"),
+    "no components": (_corrupt("basis", np.zeros((0, 6, 3), np.float32)), "no components"),
     "basis wrong V": (_corrupt("basis", np.zeros((4, 5, 3), np.float32)), r"'basis' must have shape \[\?, 6, 3\]"),
     "basis inf": (_corrupt("basis", np.full((4, 6, 3), np.inf, np.float32)), "'basis' contains NaN or inf"),
     "K != len(names)": (_corrupt("names", np.array(["a", "b", "c"])), "'names' has 3 entries but 'basis' has K=4"),

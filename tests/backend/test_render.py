@@ -306,3 +306,14 @@ def test_cuda_matches_cpu():
     (image_cpu, grad_cpu), (image_cuda, grad_cuda) = results
     assert (image_cpu - image_cuda).abs().max() < 1e-3
     assert torch.allclose(grad_cpu, grad_cuda, rtol=1e-2, atol=1e-3 * grad_cpu.abs().max())
+
+
+@pytest.mark.parametrize("resolution", [(8, 1), (1, 8), (1, 1)])
+def test_one_pixel_wide_images(resolution):
+    vertices, faces = uv_sphere(9, 18)
+    cams = camera.orbit_cameras(torch.tensor([10.0]), torch.tensor([5.0]), 2.5)
+    v = vertices.float().requires_grad_(True)
+    out = shading.render_mesh(v, faces, cams, resolution)
+    assert out.image.shape == (1, *resolution, 3) and torch.isfinite(out.image).all()
+    out.image.sum().backward()
+    assert torch.isfinite(v.grad).all()

@@ -110,9 +110,16 @@ def test_fit_progress_texture_stop_second_fit_shutdown(server, tiny_sd_dir, tmp_
     assert set(done["outputs"]) == {"weights"}
     assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["weights.json"]
 
-    # 4. shutdown ends the process cleanly
+    # 4. shutdown during a fit: the fit stops, reports exactly one done, and the process exits 0
+    server.send("fit", id="fourth", prompt="a child", model=str(tiny_sd_dir), config=dict(FAST, shape_steps=500),
+                job_dir=str(tmp_path / "d"), outputs=[])
+    server.until("progress")
     server.send("shutdown")
+    done, seen = server.until("done")
+    assert done["id"] == "fourth" and done["stopped"] and done["outputs"] == {}
+    assert not any(m["type"] in ("done", "error") for m in seen[:-1])
     assert server.proc.wait(30) == 0
+    assert server.lines.empty()
 
 
 def _malformed_inputs(model: str, tmp_path: Path) -> list[tuple[bytes, str]]:
@@ -171,8 +178,12 @@ def _malformed_inputs(model: str, tmp_path: Path) -> list[tuple[bytes, str]]:
         (fit(bundle=5), "bad_message"),
         (fit(job_dir=7), "bad_message"),
         (fit(outputs=["weights", "movie"]), "bad_message"),
-        (line({"v": 1, "type": "stop"}), "bad_request"),                          # nothing running
         (line({"v": 1, "type": "stop", "id": 3}), "bad_message"),
+        (line({"v": 1, "type": [1]}), "bad_message"),                             # unhashable type
+        (line({"v": 1, "type": {}}), "bad_message"),
+        (line({"v": True, "type": "stop"}), "bad_message"),                       # a bool is not version 1
+        (b"[" * 100000 + b"\n", "bad_message"),                                   # nested too deep
+        (b'{"v": 1, "type": "stop", "id": ' + b"9" * 5000 + b"}\n", "bad_message"),  # int too long
     ]
     return cases
 
@@ -189,6 +200,8 @@ def test_fifty_malformed_inputs_each_get_an_error(server, tiny_sd_dir, tmp_path)
         assert reply["recoverable"] is True
         assert reply["message"]
     assert server.proc.poll() is None
+    # a stop with no fit running is not an error: nothing to stop, nothing to say
+    server.send("stop")
     # and it still works
     server.send("fit", id="after", prompt="a man", model=str(tiny_sd_dir), config=dict(FAST, shape_steps=1),
                 job_dir=str(tmp_path / "ok"))
