@@ -112,17 +112,10 @@ def antialias(color: torch.Tensor, rast: Rasterization, clip_verts: torch.Tensor
     depth = torch.full((batch * height * width,), float("inf"), dtype=rast.depth.dtype, device=colors.device)
     depth[rast.pixels] = rast.depth
 
-    crossings = []
-    # rows: scanlines along x (u = x, v = y); columns: scanlines along y (u = y, v = x)
-    for u_axis, v_axis, num_lines, num_cells, line_stride, cell_stride in (
-            (0, 1, height, width, width, 1), (1, 0, width, height, 1, width)):
-        found = _scanline_crossings(screen, grad_screen, batch_of_edge, u_axis, v_axis, num_lines, num_cells,
-                                    line_stride, cell_stride, height * width, covered, depth)
-        if found is not None:
-            crossings.append(found)
-    if not crossings:
+    found = _scanline_crossings(screen, grad_screen, batch_of_edge, height, width, covered, depth)
+    if found is None:
         return color
-    target, in_pixel, out_pixel, scale = (torch.cat(parts) for parts in zip(*crossings))
+    target, in_pixel, out_pixel, scale = found
     # one gather for both sides keeps the backward to a single scatter into a [C, B*H*W] buffer
     sides = colors.index_select(1, torch.cat([out_pixel, in_pixel])).view(channels, 2, -1)
     blended = colors.index_add(1, target, scale.to(colors.dtype) * (sides[:, 0] - sides[:, 1]))
@@ -174,28 +167,34 @@ def _visible_side_edges(clip_verts, faces, topology, height, width):
     return screen, grad_screen, edge_batch
 
 
-def _scanline_crossings(screen, grad_screen, edge_batch, u_axis, v_axis, num_lines, num_cells,
-                        line_stride, cell_stride, image_size, covered, depth):
-    """Crossings of silhouette edges with scanlines v = line + 0.5, one scan direction.
+def _scanline_crossings(screen, grad_screen, edge_batch, height, width, covered, depth):
+    """Crossings of silhouette edges with the pixel-centre scanlines of both directions.
 
-    Returns (pixel to correct, in-side pixel, out-side pixel, signed scale) for the visible,
-    front-most crossing of each pair of neighbouring pixel centres, or None. The correction
-    at the target pixel is scale * (out - in).
+    Every edge is listed twice: once against rows (u = x, v = y: lines y = row + 0.5, cells
+    along x) and once against columns (u = y, v = x). Returns (pixel to correct, in-side pixel,
+    out-side pixel, signed scale) for the visible, front-most crossing of each pair of
+    neighbouring pixel centres, or None; the correction at the target pixel is
+    scale * (out - in).
     """
-    if num_cells < 2:          # a one-pixel-wide image has no pair of pixel centres along the scanline
-        return None
-    ua, va, uc, vc = grad_screen[u_axis], grad_screen[v_axis], grad_screen[2 + u_axis], grad_screen[2 + v_axis]
+    count = edge_batch.shape[0]
+    device = edge_batch.device
+    x_a, y_a, x_c, y_c = grad_screen
+    ua, va = torch.cat([x_a, y_a]), torch.cat([y_a, x_a])
+    uc, vc = torch.cat([x_c, y_c]), torch.cat([y_c, x_c])
     du, dv = uc - ua, vc - va
     steepness = dv.abs() / (du.abs() + dv.abs()).clamp_min(1e-12)   # 1: perpendicular to the scanlines
     low, high = _BLEND_BAND
     ramp = ((steepness - low) / (high - low)).clamp(0, 1)
     weight = ramp * ramp * (3 - 2 * ramp)                            # smoothstep; w(r) + w(1 - r) = 1
     with torch.no_grad():
-        v_low = torch.minimum(va, vc).detach()
-        v_high = torch.maximum(va, vc).detach()
-        first = torch.ceil(v_low - 0.5).clamp(0, num_lines).to(torch.int64)
-        last = torch.ceil(v_high - 0.5).clamp(0, num_lines).to(torch.int64)
-        counts = torch.where(weight.detach() > 0, last - first, 0).clamp_min(0)
+        is_column = torch.arange(2 * count, device=device) >= count
+        lines = torch.where(is_column, width, height)                # scanlines of the direction
+        cells = torch.where(is_column, height, width)                # pixel centres along one scanline
+        line_stride = torch.where(is_column, 1, width)
+        cell_stride = torch.where(is_column, width, 1)
+        first = torch.minimum(torch.ceil(torch.minimum(va, vc).detach() - 0.5).clamp_min(0).to(torch.int64), lines)
+        last = torch.minimum(torch.ceil(torch.maximum(va, vc).detach() - 0.5).clamp_min(0).to(torch.int64), lines)
+        counts = torch.where((weight.detach() > 0) & (cells >= 2), last - first, 0).clamp_min(0)
         owner, step = _expand(counts)
         if owner.numel() == 0:
             return None
@@ -206,29 +205,33 @@ def _scanline_crossings(screen, grad_screen, edge_batch, u_axis, v_axis, num_lin
     with torch.no_grad():
         u_det, tau_det = u_cross.detach(), tau.detach()
         cell = torch.floor(u_det - 0.5).to(torch.int64)              # pixel centres cell+0.5 <= u < cell+1.5
-        ou, ov = screen[6 + u_axis][owner], screen[6 + v_axis][owner]
+        column = is_column[owner]
+        edge = torch.where(column, owner - count, owner)
+        ou = torch.where(column, screen[7][edge], screen[6][edge])
+        ov = torch.where(column, screen[6][edge], screen[7][edge])
         du_d, dv_d = du.detach()[owner], dv.detach()[owner]
         side = (ou - ua.detach()[owner]) * dv_d - (ov - va.detach()[owner]) * du_d
         in_is_next = dv_d * side > 0                                  # covered side lies toward +u
-        line_base = edge_batch[owner] * image_size + line * line_stride
-        inside = (cell >= 0) & (cell + 1 < num_cells)
-        cell_c = cell.clamp(0, max(num_cells - 2, 0))
-        in_pixel = line_base + torch.where(in_is_next, cell_c + 1, cell_c) * cell_stride
-        out_pixel = line_base + torch.where(in_is_next, cell_c, cell_c + 1) * cell_stride
-        z_edge = screen[4][owner] + tau_det * (screen[5][owner] - screen[4][owner])
+        cells_o, cell_stride_o = cells[owner], cell_stride[owner]
+        line_base = edge_batch[edge] * (height * width) + line * line_stride[owner]
+        inside = (cell >= 0) & (cell + 1 < cells_o)
+        cell_c = torch.minimum(cell.clamp_min(0), (cells_o - 2).clamp_min(0))
+        in_pixel = line_base + torch.where(in_is_next, cell_c + 1, cell_c) * cell_stride_o
+        out_pixel = line_base + torch.where(in_is_next, cell_c, cell_c + 1) * cell_stride_o
+        z_edge = screen[4][edge] + tau_det * (screen[5][edge] - screen[4][edge])
         visible = inside & covered[in_pixel] & (~covered[out_pixel] | (depth[out_pixel] > z_edge))
         keep = torch.nonzero(visible).squeeze(1)
         if keep.numel() == 0:
             return None
-        # one crossing per pair of pixel centres: the front-most
-        pair = (line_base + cell_c * cell_stride)[keep]
+        # one crossing per pair of pixel centres and direction: the front-most
+        pair = (line_base + cell_c * cell_stride_o)[keep] * 2 + column[keep]
         z01 = ((z_edge[keep].float() + 1) * 0.5).clamp(0, 1)
         order = ((pair << 32) | z01.view(torch.int32).to(torch.int64)).argsort()
-        _, counts = torch.unique_consecutive(pair[order], return_counts=True)
-        keep = keep[order[torch.cumsum(counts, 0) - counts]]
+        _, runs = torch.unique_consecutive(pair[order], return_counts=True)
+        keep = keep[order[torch.cumsum(runs, 0) - runs]]
         sign = torch.where(in_is_next[keep], 1.0, -1.0).to(u_cross.dtype)
-        cell_k = cell_c[keep]
+        cell_k, stride_k = cell_c[keep], cell_stride_o[keep]
     offset = u_cross[keep] - (cell_k + 1).to(u_cross.dtype)          # signed distance to the box boundary
-    target = line_base[keep] + torch.where(offset.detach() >= 0, cell_k + 1, cell_k) * cell_stride
+    target = line_base[keep] + torch.where(offset.detach() >= 0, cell_k + 1, cell_k) * stride_k
     scale = sign * offset * weight[owner[keep]]
     return target, in_pixel[keep], out_pixel[keep], scale

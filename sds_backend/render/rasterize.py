@@ -273,20 +273,16 @@ def _barycentrics(clip_verts, faces, pixels, triangles, height, width):
     num_faces = faces.shape[0]
     if pixels.numel() == 0:
         return clip_verts.new_zeros(3, 0) + 0 * clip_verts.sum()  # stays in the graph: backward still works
-    hom = clip_verts[..., (0, 1, 3)].permute(2, 0, 1).reshape(3, batch * num_vertices)   # [3, B*V]
-    corner = (faces[None] + (torch.arange(batch, device=faces.device) * num_vertices)[:, None, None])
-    corner = corner.permute(2, 0, 1).reshape(3, batch * num_faces)                       # [3, B*F]
-    v = [hom.index_select(1, corner[k]) for k in range(3)]                                # 3 x [3, B*F]
-
-    def cross(a, b):
-        return torch.stack([a[1] * b[2] - a[2] * b[1], a[2] * b[0] - a[0] * b[2], a[0] * b[1] - a[1] * b[0]])
-
+    hom = clip_verts[..., (0, 1, 3)].permute(2, 0, 1).reshape(3, batch * num_vertices)   # [xyw, B*V]
+    corner = (faces.t()[:, None, :] + (torch.arange(batch, device=faces.device) * num_vertices)[None, :, None])
+    v = hom.index_select(1, corner.reshape(-1)).view(3, 3, batch * num_faces)          # [xyw, corner, B*F]
+    # c_k = v_{k+1} x v_{k+2} for k = 0, 1, 2 in one call
+    coeff = torch.linalg.cross(v[:, [1, 2, 0]], v[:, [2, 0, 1]], dim=0)                 # [xyw, corner, B*F]
     pixel_triangle = (pixels // (height * width)) * num_faces + triangles
     rem = pixels % (height * width)
     point = torch.stack([((rem % width).to(clip_verts.dtype) * 2 + 1) / width - 1,       # NDC x
                          1 - ((rem // width).to(clip_verts.dtype) * 2 + 1) / height,     # NDC y
                          torch.ones(rem.shape, dtype=clip_verts.dtype, device=rem.device)])
-    # e_k = (v_{k+1} x v_{k+2}) . p, gathered per corner so no intermediate exceeds [3, P]
-    e = torch.stack([(cross(v[(k + 1) % 3], v[(k + 2) % 3]).index_select(1, pixel_triangle) * point).sum(0)
-                     for k in range(3)])                                                   # [3, P]
+    # e_k = c_k . p, gathered per corner so no intermediate exceeds [3, P]
+    e = torch.stack([(coeff[:, k].index_select(1, pixel_triangle) * point).sum(0) for k in range(3)])   # [3, P]
     return e / e.sum(0, keepdim=True)

@@ -127,5 +127,7 @@ def _composite(color: torch.Tensor, rast, clip, faces, topology, background) -> 
     coverage = torch.ones(1, color.shape[1], dtype=color.dtype, device=color.device)
     # background then 0 coverage outside; one channel-first image that antialias reads without a copy
     image = to_image(torch.cat([color, coverage]), rast, torch.cat([background, background.new_zeros(1)]))
-    blended = antialias(image, rast, clip, faces, topology)
-    return Render(blended[..., :-1], blended[..., -1:])
+    blended = antialias(image, rast, clip, faces, topology).permute(3, 0, 1, 2)            # [C+1, B, H, W] view
+    # split the channels in channel-first order, so the backward writes contiguous channel-first
+    # gradients instead of transposing a [B, H, W, C+1] buffer
+    return Render(blended[:-1].permute(1, 2, 3, 0), blended[-1:].permute(1, 2, 3, 0))
