@@ -131,12 +131,4 @@ class SDSHEAD_PT_advanced(bpy.types.Panel):
 
 CLASSES = (SDSHEAD_PT_main, SDSHEAD_PT_advanced)
 
-
-def register() -> None:
-    for cls in CLASSES:
-        bpy.utils.register_class(cls)
-
-
-def unregister() -> None:
-    for cls in reversed(CLASSES):
-        bpy.utils.unregister_class(cls)
+register, unregister = bpy.utils.register_classes_factory(CLASSES)

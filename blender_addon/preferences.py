@@ -77,12 +77,4 @@ def backend_settings(prefs, **overrides) -> bridge.BackendSettings:
 
 CLASSES = (SDSHEAD_AP_preferences,)
 
-
-def register() -> None:
-    for cls in CLASSES:
-        bpy.utils.register_class(cls)
-
-
-def unregister() -> None:
-    for cls in reversed(CLASSES):
-        bpy.utils.unregister_class(cls)
+register, unregister = bpy.utils.register_classes_factory(CLASSES)

@@ -5,8 +5,6 @@ import math
 
 import torch
 
-from sds_backend.procedural import uv_sphere  # noqa: F401  (re-exported for the tests)
-
 
 def perspective_clip(points: torch.Tensor, fov_deg: float = 60.0, near: float = 0.1, far: float = 10.0) -> torch.Tensor:
     """View-space points [..., 3] (camera looks down -z) -> OpenGL clip coordinates [..., 4]."""

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from meshes import perspective_clip, triangle_soup, uv_sphere
+from meshes import perspective_clip, triangle_soup
+from sds_backend.procedural import uv_sphere
 from reference_render import reference_rasterize
 from sds_backend.bench_raster import silhouette_gradient_error
 from sds_backend.render import antialias, camera, interpolate, prepare_topology, rasterize, shading, texture
