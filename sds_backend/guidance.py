@@ -27,7 +27,7 @@ from __future__ import annotations
 import copy
 import os
 import re
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Literal, Sequence, get_args
 
@@ -83,7 +83,7 @@ class TimestepSchedule:
 
 @dataclass(frozen=True)
 class GuidanceConfig:
-    """Settings of StableDiffusionGuidance; build from a JSON request with `from_dict`."""
+    """Settings of StableDiffusionGuidance (requests reach them through FitConfig's fields)."""
 
     model: str = field(default_factory=default_model_id)
     """Hub id or local folder of a diffusers SD checkpoint (default $SDS_HEAD_MODEL or SD 1.5)."""
@@ -110,18 +110,6 @@ class GuidanceConfig:
 
     def __post_init__(self) -> None:
         check_config(self)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "GuidanceConfig":
-        """Config from plain JSON values; `timesteps` may be a dict; unknown keys are an error."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"guidance config: unknown key(s) {unknown}; expected some of {sorted(known)}")
-        values = dict(values)
-        if isinstance(values.get("timesteps"), dict):
-            values["timesteps"] = TimestepSchedule(**values["timesteps"])
-        return cls(**values)
 
 
 def check_timestep_schedule(schedule: TimestepSchedule) -> None:

@@ -329,17 +329,13 @@ def test_image_shape_and_missing_prompt_errors(tiny_sd_dir):
 
 
 # ------------------------------------------------------------------------------------------ config
-def test_config_defaults_env_and_from_dict(monkeypatch):
+def test_config_defaults_and_env(monkeypatch):
     monkeypatch.delenv("SDS_HEAD_MODEL", raising=False)
     config = GuidanceConfig()
     assert config.model == DEFAULT_MODEL == "stable-diffusion-v1-5/stable-diffusion-v1-5"
     assert (config.guidance_scale, config.weighting, config.timesteps) == (100.0, "1-alpha", TimestepSchedule(0.02, 0.98))
     monkeypatch.setenv("SDS_HEAD_MODEL", "/models/sd21")
     assert GuidanceConfig().model == "/models/sd21"
-    config = GuidanceConfig.from_dict({"model": "x/y", "timesteps": {"t_max": 0.5}, "weighting": "uniform"})
-    assert config.timesteps == TimestepSchedule(t_min=0.02, t_max=0.5) and config.weighting == "uniform"
-    with pytest.raises(ValueError, match=r"unknown key\(s\) \['scale'\]"):
-        GuidanceConfig.from_dict({"scale": 3})
 
 
 @pytest.mark.parametrize("field, value, message", [
