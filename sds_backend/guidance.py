@@ -207,8 +207,8 @@ class DiffusionModel:
 _HOW_TO_PASS_A_FOLDER = (
     "Pass a local folder with a diffusers Stable Diffusion checkpoint (model_index.json, unet/, vae/, "
     f"text_encoder/, tokenizer/, scheduler/) as --model DIR, the {MODEL_ENV} environment variable or "
-    f'"model" in the fit config. On a machine with network, `hf download {DEFAULT_MODEL} --local-dir DIR` '
-    "makes such a folder."
+    "the \"model\" field of a fit request (the add-on's Model preference). On a machine with network, "
+    f"`hf download {DEFAULT_MODEL} --local-dir DIR` makes such a folder."
 )
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
