@@ -85,7 +85,7 @@ def check_fit_inputs(inputs: FitInputs) -> None:
     model = inputs.model.strip()
     if model and looks_like_path(model) and not os.path.isdir(os.path.expanduser(model)):
         raise UserError(f"Model folder not found: {os.path.expanduser(model)} (give a local Stable Diffusion "
-                        "folder or a hub id such as 'runwayml/stable-diffusion-v1-5')")
+                        "folder or a hub id such as 'stable-diffusion-v1-5/stable-diffusion-v1-5')")
 
 
 FAILURE_TITLES = {

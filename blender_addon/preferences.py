@@ -20,7 +20,7 @@ class SDSHEAD_AP_preferences(bpy.types.AddonPreferences):
                     "Blender's own Python cannot run the backend")
     model: StringProperty(
         name="Model", default="",
-        description="Stable Diffusion hub id (e.g. runwayml/stable-diffusion-v1-5) or local folder; "
+        description="Stable Diffusion hub id (e.g. stable-diffusion-v1-5/stable-diffusion-v1-5) or local folder; "
                     "empty = the backend's default")
     device: EnumProperty(
         name="Device", default="auto",
