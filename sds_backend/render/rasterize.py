@@ -265,9 +265,12 @@ def _barycentrics(clip_verts, faces, pixels, triangles, height, width):
 
     With homogeneous 2D vertices v_i = (x_i, y_i, w_i) and the pixel p = (px, py, 1) in NDC,
     the point on the triangle seen through p is sum_i l_i v_i = w p, so l = w M^-1 p with
-    M = [v0 v1 v2]. The rows of M^-1 are the cross products c_i = v_j x v_k over det M, so
-    l_i is proportional to e_i = c_i . p and l = e / sum(e). This needs no division by w
-    and is exact for triangles that cross the near plane.
+    M = [v0 v1 v2]: l_i is proportional to e_i = det[v_j, v_k, p] ((i, j, k) cyclic). Row
+    operations turn that determinant into a 2D cross product of the corners relative to the
+    pixel, e_i = d_j x d_k with d = (x - px w, y - py w) = w (NDC corner - p). It needs no
+    division by w (exact for triangles that cross the near plane), and its terms are as small
+    as the triangle, so float32 keeps its precision on sub-pixel triangles, where the expanded
+    form c_i . p cancels terms of the size of the coordinates.
     """
     batch, num_vertices = clip_verts.shape[:2]
     num_faces = faces.shape[0]
@@ -275,14 +278,21 @@ def _barycentrics(clip_verts, faces, pixels, triangles, height, width):
         return clip_verts.new_zeros(3, 0) + 0 * clip_verts.sum()  # stays in the graph: backward still works
     hom = clip_verts[..., (0, 1, 3)].permute(2, 0, 1).reshape(3, batch * num_vertices)   # [xyw, B*V]
     corner = (faces.t()[:, None, :] + (torch.arange(batch, device=faces.device) * num_vertices)[None, :, None])
-    v = hom.index_select(1, corner.reshape(-1)).view(3, 3, batch * num_faces)          # [xyw, corner, B*F]
-    # c_k = v_{k+1} x v_{k+2} for k = 0, 1, 2 in one call
-    coeff = torch.linalg.cross(v[:, [1, 2, 0]], v[:, [2, 0, 1]], dim=0)                 # [xyw, corner, B*F]
+    table = hom.index_select(1, corner.reshape(-1)).view(9, batch * num_faces)         # [xyw x corner, B*F]
     pixel_triangle = (pixels // (height * width)) * num_faces + triangles
     rem = pixels % (height * width)
-    point = torch.stack([((rem % width).to(clip_verts.dtype) * 2 + 1) / width - 1,       # NDC x
-                         1 - ((rem // width).to(clip_verts.dtype) * 2 + 1) / height,     # NDC y
-                         torch.ones(rem.shape, dtype=clip_verts.dtype, device=rem.device)])
-    # e_k = c_k . p, gathered per corner so no intermediate exceeds [3, P]
-    e = torch.stack([(coeff[:, k].index_select(1, pixel_triangle) * point).sum(0) for k in range(3)])   # [3, P]
+    px = ((rem % width).to(clip_verts.dtype) * 2 + 1) / width - 1                       # NDC x
+    py = 1 - ((rem // width).to(clip_verts.dtype) * 2 + 1) / height                     # NDC y
+    x, y, w = table.index_select(1, pixel_triangle).view(3, 3, -1)                      # each [corner, P]
+    dx, dy = x - px * w, y - py * w
+    e = cross_rows(dx, dy)                                                               # e_i = d_{i+1} x d_{i+2}
     return e / e.sum(0, keepdim=True)
+
+
+def cross_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Cross product along axis 0 of [3, ...] tensors: row i is a_{i+1} b_{i+2} - a_{i+2} b_{i+1}.
+
+    Written with rolls of contiguous rows: forward and backward are a few elementwise passes,
+    several times faster than torch.linalg.cross over a leading axis.
+    """
+    return a.roll(-1, 0) * b.roll(-2, 0) - a.roll(-2, 0) * b.roll(-1, 0)
