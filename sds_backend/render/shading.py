@@ -13,7 +13,7 @@ import torch
 from .antialias import Topology, antialias, prepare_topology
 from .camera import Cameras
 from .interpolate import interpolate_pixels, sample_pixels, to_image
-from .rasterize import rasterize
+from .rasterize import cross_rows, rasterize
 
 ShadingMode = Literal["lambert", "normal"]
 SHADING_MODES = ("lambert", "normal")
@@ -36,7 +36,7 @@ def vertex_normals(vertices: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
     corner = (faces.t()[:, None, :] + offset).reshape(3, -1)                    # [3, B*F]
     table = vertices.permute(2, 0, 1).reshape(3, batch * num_vertices)          # [xyz, B*V]
     v0, v1, v2 = (table.index_select(1, corner[k]) for k in range(3))
-    face_normals = torch.linalg.cross(v1 - v0, v2 - v0, dim=0)                  # length = 2 * area
+    face_normals = cross_rows(v1 - v0, v2 - v0)                                 # length = 2 * area
     normals = table.new_zeros(3, batch * num_vertices)
     for k in range(3):
         normals = normals.index_add(1, corner[k], face_normals)
@@ -69,8 +69,8 @@ def render_mesh(vertices: torch.Tensor, faces: torch.Tensor, cams: Cameras, reso
     if mode == "normal":
         color = normals * 0.5 + 0.5
     else:
-        color = (albedo * _lambert(normals, light_dir, ambient, rast)).expand(3, -1)
-    return _composite(color, rast, clip, faces, topology, background)
+        color = albedo * _lambert(normals, light_dir, ambient, rast)      # [1, P]: grey
+    return _composite(color, rast, clip, faces, topology, background, grey=mode == "lambert")
 
 
 def render_textured(vertices: torch.Tensor, faces: torch.Tensor, uv: torch.Tensor, uv_faces: torch.Tensor,
@@ -120,14 +120,23 @@ def _lambert(normals: torch.Tensor, light_dir: torch.Tensor | None, ambient: flo
     return ambient + (1 - ambient) * (normals * light).sum(0, keepdim=True).clamp_min(0)
 
 
-def _composite(color: torch.Tensor, rast, clip, faces, topology, background) -> Render:
-    """Per-pixel colours [C, P] onto the background, then antialias colour and coverage together."""
+def _composite(color: torch.Tensor, rast, clip, faces, topology, background, grey: bool = False) -> Render:
+    """Per-pixel colours [C, P] onto the background, then antialias colour and coverage together.
+
+    grey: color is [1, P] and the image is RGB. Over a grey background it is antialiased as one
+    channel and widened at the end as a stride-0 view: a third of the image-sized work, forward
+    and backward.
+    """
+    background = torch.as_tensor(background, dtype=color.dtype, device=color.device).reshape(-1)
+    if grey and background.numel() == 3 and not bool((background == background[0]).all()):
+        color, grey = color.expand(3, -1), False              # grey surface over a coloured background
     channels = color.shape[0]
-    background = torch.as_tensor(background, dtype=color.dtype, device=color.device).reshape(-1).expand(channels)
+    background = background[:1].expand(channels) if channels == 1 else background.expand(channels)
     coverage = torch.ones(1, color.shape[1], dtype=color.dtype, device=color.device)
     # background then 0 coverage outside; one channel-first image that antialias reads without a copy
     image = to_image(torch.cat([color, coverage]), rast, torch.cat([background, background.new_zeros(1)]))
     blended = antialias(image, rast, clip, faces, topology).permute(3, 0, 1, 2)            # [C+1, B, H, W] view
     # split the channels in channel-first order, so the backward writes contiguous channel-first
     # gradients instead of transposing a [B, H, W, C+1] buffer
-    return Render(blended[:-1].permute(1, 2, 3, 0), blended[-1:].permute(1, 2, 3, 0))
+    rgb = blended[:-1].permute(1, 2, 3, 0)
+    return Render(rgb.expand(-1, -1, -1, 3) if grey else rgb, blended[-1:].permute(1, 2, 3, 0))

@@ -318,3 +318,43 @@ def test_one_pixel_wide_images(resolution):
     assert out.image.shape == (1, *resolution, 3) and torch.isfinite(out.image).all()
     out.image.sum().backward()
     assert torch.isfinite(v.grad).all()
+
+
+def test_float32_barycentrics_keep_their_precision_on_small_triangles():
+    # 20k triangles at 256²: a few pixels each. Corner-relative cross products keep float32
+    # within ~1e-4 of float64; expanding det[v_j, v_k, p] (terms the size of the coordinates)
+    # loses about 5e-3 here.
+    from sds_backend.procedural import sphere_with_faces
+
+    vertices, faces = sphere_with_faces(20_000, torch.float64)
+    cams = camera.orbit_cameras(torch.tensor([20.0]), torch.tensor([10.0]), 3.6, fov_deg=40)
+    clip64 = cams.to_clip(vertices.float()).double()
+    rast64 = rasterize(clip64, faces, 256)
+    rast32 = rasterize(clip64.float(), faces, 256)
+    assert torch.equal(rast32.pixels, rast64.pixels) and torch.equal(rast32.triangles, rast64.triangles)
+    assert (rast32.bary.double() - rast64.bary).abs().max() < 5e-4
+
+
+def test_grey_render_matches_its_three_channel_composite():
+    # Lambert renders antialias one grey channel and widen it; over a grey background that must
+    # equal compositing the same colour as three channels, in the image and in the gradient
+    from sds_backend.render.shading import _camera_normals, _composite, _lambert
+
+    vertices, faces = uv_sphere(15, 30)
+    cams = camera.orbit_cameras(torch.tensor([30.0]), torch.tensor([10.0]), 3.0)
+    topology = prepare_topology(faces)
+    weights = torch.rand(1, 40, 40, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    results = []
+    for grey in (True, False):
+        v = vertices.clone().requires_grad_(True)
+        clip = cams.to_clip(v[None])
+        rast = rasterize(clip, faces, 40)
+        color = 0.7 * _lambert(_camera_normals(v[None], faces, cams, rast), None, 0.25, rast)
+        render = _composite(color if grey else color.expand(3, -1), rast, clip, faces, topology, 0.3, grey=grey)
+        (render.image * weights).sum().backward()
+        results.append((render.image.detach(), render.alpha.detach(), v.grad))
+    (image_g, alpha_g, grad_g), (image_c, alpha_c, grad_c) = results
+    assert image_g.shape == image_c.shape == (1, 40, 40, 3)
+    assert torch.allclose(image_g, image_c, atol=1e-12) and torch.equal(alpha_g, alpha_c)
+    assert 0 < ((image_c > 0.31) & (image_c < 0.69)).sum()        # lit pixels and blended edges exist
+    assert torch.allclose(grad_g, grad_c, rtol=1e-9, atol=1e-12) and grad_g.abs().sum() > 0
