@@ -32,6 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     name = argv[0]
     if name not in COMMANDS:
         parser.error(f"unknown command {name!r}; choose from {', '.join(COMMANDS)}")
+    from .allocator import tune_for_reuse
+
+    tune_for_reuse()   # this process is ours: keep freed tensor memory mapped (see allocator.py)
     module = importlib.import_module(COMMANDS[name][0])
     command_parser = argparse.ArgumentParser(prog=f"python -m sds_backend {name}", description=COMMANDS[name][1])
     module.add_arguments(command_parser)

@@ -24,3 +24,11 @@ def _one_torch_thread():
     import torch
 
     torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _allocator_as_in_the_cli():
+    # the CLI tunes glibc's allocator before it renders; tests that fit in-process run the same way
+    from sds_backend.allocator import tune_for_reuse
+
+    tune_for_reuse()
