@@ -224,6 +224,18 @@ def load_model(
     stack trace) when every source fails. A download first asks the Hub about the repo once with
     a short timeout, so an unreachable Hub fails in seconds instead of retrying.
     """
+    folder = Path(model).expanduser()
+    if not folder.is_dir() and not _HUB_ID.fullmatch(model):
+        raise ModelLoadError(
+            f"cannot load Stable Diffusion model {model!r}: there is no such folder and it is not a hub id "
+            f"(owner/name).\n{_HOW_TO_PASS_A_FOLDER}"
+        )
+    if folder.is_dir() and not (folder / "model_index.json").is_file():
+        raise ModelLoadError(
+            f"cannot load Stable Diffusion model from folder {folder}: it has no model_index.json, so it is not "
+            f"a diffusers pipeline folder.\n{_HOW_TO_PASS_A_FOLDER}"
+        )
+    # seconds to import: only once there is a plausible source
     from diffusers import StableDiffusionPipeline
     from huggingface_hub import HfApi
     from huggingface_hub.constants import HF_HUB_CACHE, is_offline_mode
@@ -234,7 +246,6 @@ def load_model(
             feature_extractor=None, image_encoder=None, requires_safety_checker=False,
         )
 
-    folder = Path(model).expanduser()
     if folder.is_dir():
         try:
             pipe = from_pretrained(folder, local_files_only=True)
@@ -243,11 +254,6 @@ def load_model(
                 f"cannot load Stable Diffusion model from folder {folder}: {_one_line(exc)}\n{_HOW_TO_PASS_A_FOLDER}"
             ) from None
         return _freeze(pipe, str(folder), dtype, torch.device(device), vae_dtype or dtype)
-    if not _HUB_ID.fullmatch(model):
-        raise ModelLoadError(
-            f"cannot load Stable Diffusion model {model!r}: there is no such folder and it is not a hub id "
-            f"(owner/name).\n{_HOW_TO_PASS_A_FOLDER}"
-        )
     tried = [f"local folder ./{model}: not found"]
     try:
         return _freeze(from_pretrained(model, local_files_only=True), model, dtype, torch.device(device), vae_dtype or dtype)

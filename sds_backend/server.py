@@ -74,8 +74,9 @@ class Server:
 
     # ------------------------------------------------------------------------------ main
     def serve(self) -> int:
+        from importlib.metadata import version
+
         import torch
-        import diffusers
 
         from .guidance import default_model_id
         from .job import Backend, describe_device, resolve_device
@@ -87,7 +88,7 @@ class Server:
             return 2
         self.backend = Backend(device)
         self.send("hello", version=__version__, protocol=protocol.PROTOCOL_VERSION, device=describe_device(device),
-                  model=default_model_id(), torch=torch.__version__, diffusers=diffusers.__version__, pid=os.getpid())
+                  model=default_model_id(), torch=torch.__version__, diffusers=version("diffusers"), pid=os.getpid())
         threading.Thread(target=self._read_loop, name="stdin-reader", daemon=True).start()
         while True:
             request = self._requests.get()

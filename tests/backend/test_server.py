@@ -45,6 +45,14 @@ class ServerProcess:
     def next(self, timeout: float = 60.0) -> dict:
         return self.lines.get(timeout=timeout)
 
+    def reply(self, timeout: float = 60.0) -> dict:
+        """The next message that is not a heartbeat sent while a model loads."""
+        deadline = time.monotonic() + timeout
+        while True:
+            message = self.next(max(0.1, deadline - time.monotonic()))
+            if not (message["type"] == "progress" and message["stage"] == "loading"):
+                return message
+
     def until(self, message_type: str, timeout: float = 120.0) -> tuple[dict, list[dict]]:
         """Messages up to and including the first of `message_type`."""
         seen = []
@@ -78,7 +86,10 @@ def test_fit_progress_texture_stop_second_fit_shutdown(server, tiny_sd_dir, tmp_
     done, seen = server.until("done")
     kinds = [m["type"] for m in seen]
     assert "error" not in kinds
-    progress = [m for m in seen if m["type"] == "progress"]
+    # while the model loads (diffusers alone takes seconds to import) heartbeats say so
+    loading = [m for m in seen if m["type"] == "progress" and m["stage"] == "loading"]
+    assert all(m["iteration"] == 0 and m["total"] == 8 for m in loading)
+    progress = [m for m in seen if m["type"] == "progress" and m["stage"] != "loading"]
     assert [m["iteration"] for m in progress] == list(range(1, 9))
     assert {m["stage"] for m in progress} == {"shape", "texture"}
     textures = [m for m in seen if m["type"] == "texture"]
@@ -194,7 +205,7 @@ def test_fifty_malformed_inputs_each_get_an_error(server, tiny_sd_dir, tmp_path)
     assert len(cases) >= 50
     for data, kind in cases:
         server.send_raw(data)
-        reply = server.next(120)
+        reply = server.reply(120)
         assert reply["type"] == "error", (data[:80], reply)
         assert reply["kind"] == kind, (data[:80], reply)
         assert reply["recoverable"] is True
