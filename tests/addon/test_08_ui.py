@@ -21,7 +21,7 @@ def test_fit_runs_from_the_panel_with_ui_timers(tmp_path, tiny_sd_dir):
     env = dict(os.environ, BLENDER_USER_CONFIG=str(tmp_path / "config"), BLENDER_USER_SCRIPTS=str(tmp_path / "scripts"))
     command = ["xvfb-run", "-a", "-s", "-screen 0 1600x900x24", BLENDER, "--enable-event-simulate",
                "--factory-startup", "-P", str(HERE / "screenshot_panel.py"), "--", "--out", str(shot),
-               "--model", str(tiny_sd_dir), "--python", str(SERVE_PYTHON), "--steps", "60", "--at", "0.3"]
+               "--model", str(tiny_sd_dir), "--python", str(SERVE_PYTHON), "--steps", "25", "--at", "0.3"]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-3000:]
