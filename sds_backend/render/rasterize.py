@@ -88,7 +88,8 @@ def check_mesh_inputs(clip_verts: torch.Tensor, faces: torch.Tensor) -> None:
     if faces.numel() and (int(faces.min()) < 0 or int(faces.max()) >= num_vertices):
         raise ValueError(f"faces: indices must lie in [0, {num_vertices}), got range "
                          f"[{int(faces.min())}, {int(faces.max())}]")
-    if not torch.isfinite(clip_verts).all():
+    # amax propagates NaN and keeps inf: one reduction instead of an elementwise mask
+    if clip_verts.numel() and not bool(torch.isfinite(clip_verts.abs().amax())):
         raise ValueError("clip_verts contains NaN or inf")
 
 
@@ -149,8 +150,8 @@ def _screen_triangles(clip_verts: torch.Tensor, faces: torch.Tensor, height: int
 
     near_dist = flat[:, 2] + flat[:, 3]                      # >= 0: in front of the near plane
     vertex_screen = _to_screen(flat, height, width)          # [3, B*V]; garbage where behind
-    screen = vertex_screen[:, corner]                        # [3, 3, B*F]
-    num_behind = (near_dist[corner] < 0).sum(0)
+    screen = vertex_screen.index_select(1, corner.reshape(-1)).view(3, 3, -1)                # [3, 3, B*F]
+    num_behind = (near_dist.index_select(0, corner.reshape(-1)).view(3, -1) < 0).sum(0)
     if bool((num_behind == 0).all()):
         return screen, tri_batch, tri_face
     keep = torch.nonzero(num_behind == 0).squeeze(1)
