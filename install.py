@@ -130,14 +130,20 @@ def install_torch(py: Path) -> None:
 
 
 def install_backend(py: Path, dev: bool) -> None:
-    extras = ".[dev]" if dev else "."
-    key = (ROOT / "pyproject.toml").read_text() + extras
-    if stamp_matches(VENV, "backend", key):
+    """The package (editable) with its dependencies; `dev` adds the test extras.
+
+    A dev install also satisfies a plain one, so `install.py` after `install.py --dev` (the
+    README's two commands in either order) does not reinstall anything.
+    """
+    project = (ROOT / "pyproject.toml").read_text()
+    if stamp_matches(VENV, "backend-dev", project) or (not dev and stamp_matches(VENV, "backend", project)):
         say("backend packages already installed")
         return
     run("install sds_backend (editable) and its dependencies",
-        [py, "-m", "pip", "install", "-e", extras], cwd=ROOT)
-    write_stamp(VENV, "backend", key)
+        [py, "-m", "pip", "install", "-e", ".[dev]" if dev else "."], cwd=ROOT)
+    write_stamp(VENV, "backend", project)
+    if dev:
+        write_stamp(VENV, "backend-dev", project)
 
 
 def find_python(version: tuple[int, int]) -> str | None:
