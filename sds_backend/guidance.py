@@ -25,6 +25,7 @@ new prompt, and keeping it off the accelerator frees its memory while a new prom
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import re
 from dataclasses import dataclass, field, replace
@@ -236,6 +237,7 @@ def load_model(
             f"a diffusers pipeline folder.\n{_HOW_TO_PASS_A_FOLDER}"
         )
     # seconds to import: only once there is a plausible source
+    _quiet_image_processor_notice()
     from diffusers import StableDiffusionPipeline
     from huggingface_hub import HfApi
     from huggingface_hub.constants import HF_HUB_CACHE, is_offline_mode
@@ -275,6 +277,21 @@ def load_model(
             return _freeze(pipe, model, dtype, torch.device(device), vae_dtype or dtype)
     lines = "\n".join(f"  - {line}" for line in tried)
     raise ModelLoadError(f"cannot load Stable Diffusion model {model!r}; tried:\n{lines}\n{_HOW_TO_PASS_A_FOLDER}")
+
+
+class _DropImageProcessorNotice(logging.Filter):
+    """Importing SD's pipeline makes transformers announce that its image processors fall back to
+    PIL without torchvision. SDS uses no image processor (no safety checker, no feature
+    extractor), so on every fit that notice would only be noise on stderr."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "requires torchvision (not installed)" not in record.getMessage()
+
+
+def _quiet_image_processor_notice() -> None:
+    source = logging.getLogger("transformers.utils.import_utils")
+    if not any(isinstance(f, _DropImageProcessorNotice) for f in source.filters):
+        source.addFilter(_DropImageProcessorNotice())
 
 
 def _one_line(exc: BaseException) -> str:
