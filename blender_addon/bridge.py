@@ -146,8 +146,13 @@ class JobUpdate:
 _live: "weakref.WeakSet[Backend]" = weakref.WeakSet()
 
 
+_live_doctors: "weakref.WeakSet[DoctorRun]" = weakref.WeakSet()
+
+
 def close_all(timeout: float = 3.0) -> None:
-    """End every backend this process started (add-on unregister, Blender quit)."""
+    """End every backend and doctor run this process started (add-on unregister, Blender quit)."""
+    for doctor in list(_live_doctors):
+        doctor.cancel()
     for backend in list(_live):
         backend.close(timeout=timeout)
 
@@ -171,6 +176,25 @@ def _linux_parent_death_signal():
         prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
 
     return set_signal
+
+
+def _own_group() -> dict[str, Any]:
+    """Popen options for a child that can be ended with its own children (its own process group)
+    and that ends when Blender does, even when Blender dies without cleaning up (Linux)."""
+    if os.name == "nt":
+        return {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP}  # type: ignore[attr-defined]
+    return {"start_new_session": True, "preexec_fn": _linux_parent_death_signal()}
+
+
+def _kill_group(proc: subprocess.Popen, sig: int) -> None:
+    if os.name == "nt":
+        if proc.poll() is None:
+            proc.kill() if sig == getattr(signal, "SIGKILL", None) else proc.terminate()
+        return
+    try:
+        os.killpg(proc.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def _describe_exit(returncode: int | None) -> str:
@@ -252,15 +276,9 @@ class Backend:
         env.update(PYTHONUNBUFFERED="1", PYTHONIOENCODING="utf-8")
         env.update(self.settings.env or {})
         cwd = self.settings.cwd or (str(paths.repo_root()) if paths.repo_root() else None)
-        kwargs: dict[str, Any] = {}
-        if os.name == "nt":
-            kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP  # type: ignore[attr-defined]
-        else:
-            kwargs["start_new_session"] = True   # own process group: close() can end its children too
-            kwargs["preexec_fn"] = _linux_parent_death_signal()
         try:
             self._proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                          stderr=subprocess.PIPE, cwd=cwd, env=env, **kwargs)
+                                          stderr=subprocess.PIPE, cwd=cwd, env=env, **_own_group())
         except OSError as exc:
             raise ConfigError(f"Backend Python cannot be started ({command[0]}): {exc.strerror or exc}") from None
         self._started_at = self._last_message_at = time.monotonic()
@@ -526,17 +544,8 @@ class Backend:
             raise OSError(str(exc)) from None
 
     def _signal_group(self, sig: int) -> None:
-        proc = self._proc
-        if proc is None:
-            return
-        if os.name == "nt":
-            if proc.poll() is None:
-                proc.kill() if sig == getattr(signal, "SIGKILL", None) else proc.terminate()
-            return
-        try:
-            os.killpg(proc.pid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
+        if self._proc is not None:
+            _kill_group(self._proc, sig)
 
 
 # ---------------------------------------------------------------------- doctor
@@ -571,6 +580,8 @@ class DoctorRun:
         self.text = ""
         self.report: dict | None = None
         self._thread: threading.Thread | None = None
+        self._proc: subprocess.Popen | None = None
+        self._cancelled = False
 
     @property
     def running(self) -> bool:
@@ -584,6 +595,7 @@ class DoctorRun:
 
     def start(self) -> None:
         check_settings(BackendSettings(python=self.python, device=self.device))
+        _live_doctors.add(self)
         self._thread = threading.Thread(target=self.run, name="sds-head-doctor", daemon=True)
         self._thread.start()
 
@@ -591,26 +603,50 @@ class DoctorRun:
         if self._thread is not None:
             self._thread.join()
 
+    def cancel(self) -> None:
+        """End the doctor process (and what it started) now; its answer becomes 'cancelled'."""
+        self._cancelled = True
+        if self._proc is not None and self._proc.poll() is None:
+            _kill_group(self._proc, signal.SIGKILL)
+
     def run(self) -> None:
+        try:
+            self._run()
+        finally:
+            _live_doctors.discard(self)
+
+    def _run(self) -> None:
         env = dict(os.environ)
         env.pop("PYTHONHOME", None)
         root = paths.repo_root()
         try:
-            result = subprocess.run(self.command(), capture_output=True, text=True, timeout=self.timeout, env=env,
-                                    cwd=str(root) if root else None)
-        except subprocess.TimeoutExpired:
-            self.ok, self.text = False, f"doctor did not answer within {self.timeout:g} s"
-            return
+            # the doctor loads the model (minutes for a first download): like a backend, it must not
+            # outlive Blender or the add-on
+            self._proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                          stderr=subprocess.PIPE, text=True, env=env, cwd=str(root) if root else None,
+                                          **_own_group())
         except OSError as exc:
             self.ok, self.text = False, f"cannot run {self.python}: {exc.strerror or exc}"
             return
+        if self._cancelled:                  # cancel() came while the process was being started
+            _kill_group(self._proc, signal.SIGKILL)
         try:
-            self.report = json.loads(result.stdout.strip().splitlines()[-1])
+            stdout, stderr = self._proc.communicate(timeout=self.timeout)
+        except subprocess.TimeoutExpired:
+            _kill_group(self._proc, signal.SIGKILL)
+            self._proc.communicate()
+            self.ok, self.text = False, f"doctor did not answer within {self.timeout:g} s"
+            return
+        if self._cancelled:
+            self.ok, self.text = False, "doctor cancelled (the add-on was disabled or Blender quit)"
+            return
+        try:
+            self.report = json.loads(stdout.strip().splitlines()[-1])
             assert isinstance(self.report, dict)
         except (IndexError, json.JSONDecodeError, AssertionError):
-            tail = "\n".join((result.stdout + "\n" + result.stderr).strip().splitlines()[-STDERR_LINES_SHOWN:])
+            tail = "\n".join((stdout + "\n" + stderr).strip().splitlines()[-STDERR_LINES_SHOWN:])
             self.ok = False
-            self.text = f"doctor failed (exit code {result.returncode}):\n{tail}"
+            self.text = f"doctor failed (exit code {self._proc.returncode}):\n{tail}"
             return
-        self.ok = bool(self.report.get("ok")) and result.returncode == 0
+        self.ok = bool(self.report.get("ok")) and self._proc.returncode == 0
         self.text = format_doctor(self.report)

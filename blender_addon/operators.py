@@ -89,9 +89,10 @@ class OperatorBase:
 def _tick_timer():
     try:
         busy = CONTROLLER.tick()
-    except Exception:
+    except Exception as exc:
         log.exception("SDS Head update failed")
         CONTROLLER.shutdown("update failed")
+        CONTROLLER.record_error(f"Applying an update failed unexpectedly: {exc} (details in the system console)")
         return None
     return TICK_SECONDS if busy else None
 
@@ -318,5 +319,7 @@ def register() -> None:
 
 def unregister() -> None:
     stop_ui_timer()
+    if _doctor is not None:
+        _doctor.cancel()      # a doctor still loading the model must not outlive the add-on
     for cls in reversed(CLASSES):
         bpy.utils.unregister_class(cls)

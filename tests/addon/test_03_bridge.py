@@ -143,3 +143,16 @@ def test_close_all_ends_every_live_backend(fake_backend):
     bridge.close_all()
     assert all(wait_until(lambda: pid_gone(b.pid), 5) for b in backends)
     assert os.environ.get("SDS_FAKE_MODE") == "slow"
+
+
+def test_cancelled_doctor_leaves_no_process(fake_backend):
+    """Check Backend runs the doctor, which loads the model for minutes on a first download: disabling
+    the add-on (or quitting) ends it and whatever it started."""
+    doctor = bridge.DoctorRun(fake_backend("nohello"), None, "cpu")   # sleeps like a long model load
+    doctor.start()
+    assert wait_until(lambda: doctor._proc is not None and processes_in_group(doctor._proc.pid), 10)
+    pid = doctor._proc.pid
+    bridge.close_all()                  # what unregister and Blender's exit run
+    doctor.join()
+    assert wait_until(lambda: processes_in_group(pid) == [], 5), processes_in_group(pid)
+    assert doctor.ok is False and "cancelled" in doctor.text
