@@ -143,6 +143,7 @@ class Job:
     started_at: float
     stop_requested_at: float | None = None
     abandoned: str = ""     # why updates are no longer applied (the job waits for its end, then fails)
+    texture_changed: bool = False   # pixels of image_name were replaced by the fit
 
 
 def default_job_root() -> Path:
@@ -207,12 +208,12 @@ class FitController:
         if "texture" in inputs.stages and not bundle.meta.get("has_uv"):
             raise UserError(f"Mesh '{obj.name}' has no UV map: the texture stage needs one (UV > Unwrap)")
 
+        image = scene.ensure_texture_image(obj, inputs.texture_size) if "texture" in inputs.stages \
+            else scene.texture_image(obj)
         root = Path(job_root) if job_root else default_job_root()
         root.mkdir(parents=True, exist_ok=True)
         job_dir = Path(tempfile.mkdtemp(prefix="job-", dir=root))
         bundle_path = bundle_io.save(bundle, job_dir / "head.npz")
-        image = scene.ensure_texture_image(obj, inputs.texture_size) if "texture" in inputs.stages \
-            else scene.texture_image(obj)
         initial = scene.read_weights(obj, names)
         scene.take_snapshot(obj, names)
 
@@ -269,7 +270,7 @@ class FitController:
                 self.status.state, self.status.message = "stopping", "stopping: an update could not be applied"
             self.status.apply_ms = (time.perf_counter() - started) * 1000.0
         if job.abandoned and update.finished:
-            self.job = None
+            self._end_job()
             self._set_failed(job.abandoned)
         elif update.failure is not None:
             self._finish_failed(update.failure)
@@ -303,6 +304,7 @@ class FitController:
             scene.set_pixels(image, pixels, (width, height))
         else:
             scene.apply_texture_file(image, path)
+        job.texture_changed = True
         self.status.textures_applied += 1
 
     def _apply(self, job: Job, update: bridge.JobUpdate) -> None:
@@ -351,11 +353,23 @@ class FitController:
             status.state = "done"
             status.iteration = status.total = max(status.total, done["iterations"])
             status.message = f"done: {done['iterations']} iterations in {done['seconds']:.1f} s"
-        self.job = None
+        self._end_job()
 
     def _finish_failed(self, failure: bridge.BackendFailure) -> None:
-        self.job = None
+        self._end_job()
         self._set_failed(describe_failure(failure))
+
+    def _end_job(self) -> None:
+        job, self.job = self.job, None
+        self._keep_texture(job)
+
+    @staticmethod
+    def _keep_texture(job: Job | None) -> None:
+        """Pack a texture the job changed, so saving the file keeps what the fit made (whether it
+        ended done, stopped or failed): a generated image's pixels are not saved otherwise."""
+        image = bpy.data.images.get(job.image_name) if job is not None and job.texture_changed else None
+        if image is not None:
+            scene.pack_texture(image)
 
     def _set_failed(self, text: str) -> None:
         self.status.state = "failed"
@@ -372,6 +386,10 @@ class FitController:
         self.backend = None
         if backend is not None:
             backend.close()
+        try:
+            self._keep_texture(job)
+        except (ReferenceError, RuntimeError):   # Blender is quitting: its data may be gone already
+            log.warning("could not pack the texture of the ended fit", exc_info=True)
         if job is not None:
             self.status.state = "stopped"
             self.status.message = f"fit ended: {reason}" if reason else "fit ended"

@@ -140,7 +140,7 @@ def write_outputs(args, obj, job_status, inputs, scene_mod, pngfile) -> dict[str
     (out / "weights.json").write_text(json.dumps(record, indent=1))
     written["weights"] = str(out / "weights.json")
     image = scene_mod.texture_image(obj)
-    if image is not None and image.has_data:
+    if scene_mod.has_pixels(image):
         width, height = image.size
         pngfile.write_png(out / "texture.png", scene_mod.read_pixels(image), width, height, image.channels)
         written["texture"] = str(out / "texture.png")

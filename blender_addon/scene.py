@@ -204,7 +204,12 @@ def _key_cos(kb, count: int):
 
 def bundle_from_object(obj, names: list[str]) -> bundle_io.Bundle:
     """The object's shape keys as a bundle: mean = reference key plus the current mix of the keys that
-    are not components (expressions stay as the user set them), one basis row per component."""
+    are not components (expressions stay as the user set them), one basis row per component.
+
+    The fit sees the head as it stands in the scene: the object's rotation and scale are applied
+    (an FBX imported from a Y-up tool is often upright only through its object rotation), its
+    location is not (the fit centres the head). Weights are unchanged by this linear map, so they
+    apply to the keys as they are."""
     np = _np()
     mesh = obj.data
     count = len(mesh.vertices)
@@ -257,6 +262,14 @@ def bundle_from_object(obj, names: list[str]) -> bundle_io.Bundle:
         loop_uv = np.where(outside, loop_uv - np.floor(loop_uv), loop_uv)   # tiles wrap into [0, 1)
         uv, inverse = np.unique(loop_uv, axis=0, return_inverse=True)
         uv_faces = inverse.reshape(-1)[loops].reshape(-1, 3).astype(np.int32)
+    linear = np.array(obj.matrix_world.to_3x3(), dtype=np.float64)
+    determinant = np.linalg.det(linear)
+    if not abs(determinant) > 1e-12:
+        raise UserError(f"'{obj.name}' is scaled to zero along some axis: give it a non-zero scale")
+    mean, basis = (mean @ linear.T).astype(np.float32), (basis @ linear.T).astype(np.float32)
+    if determinant < 0:                 # a mirroring transform turns the winding, and with it the facing
+        faces = faces[:, [0, 2, 1]]
+        uv_faces = uv_faces[:, [0, 2, 1]]
     bundle = bundle_io.Bundle(
         mean=bundle_io.from_blender(mean), basis=bundle_io.from_blender(basis), names=list(names),
         faces=faces, uv=uv.astype(np.float32), uv_faces=uv_faces,
@@ -294,18 +307,37 @@ def texture_image(obj):
 
 
 def ensure_texture_image(obj, size: int):
-    """The fitted texture's image; adds a material/texture node when the object has none."""
+    """The fitted texture's image; adds a material/texture node when the object has none.
+
+    Raises UserError, before changing anything, when the active material's Base Color already
+    comes from another node: the fitted texture would neither show nor export."""
     image = texture_image(obj)
     if image is not None:
         return image
+    material = obj.active_material
+    tree = _node_tree(material)
+    bsdf = next((n for n in tree.nodes if n.type == "BSDF_PRINCIPLED"), None) if tree is not None else None
+    if bsdf is not None and bsdf.inputs["Base Color"].is_linked:
+        source = bsdf.inputs["Base Color"].links[0].from_node.name
+        raise UserError(f"Material '{material.name}' takes its Base Color from node '{source}': the fitted texture "
+                        "would not show. Disconnect it, or fit the shape only")
     image = bpy.data.images.new(f"{obj.name} Texture", size, size, alpha=False)
     image.generated_color = SKIN
-    material = obj.active_material
     if material is None:
         material = bpy.data.materials.new(obj.name)
         obj.data.materials.append(material)
     _connect_texture(material, image)
     return image
+
+
+def has_pixels(image) -> bool:
+    """True when the image holds pixels. After a file is opened Blender loads packed and file
+    images on first use, and `has_data` stays False until then: reading the size loads them."""
+    if image is None:
+        return False
+    if not image.has_data:
+        image.size[0]
+    return bool(image.has_data)
 
 
 def read_pixels(image):
@@ -367,14 +399,14 @@ def take_snapshot(obj, names: list[str]) -> Snapshot:
     weights = dict(zip(names, read_weights(obj, names)))
     backup_name = ""
     image = texture_image(obj)
-    if image is not None and image.has_data:
+    if has_pixels(image):
         width, height = image.size
         backup = bpy.data.images.new(f"{image.name} (before fit)", width, height,
                                      alpha=image.channels == 4, float_buffer=image.is_float)
         backup.colorspace_settings.name = image.colorspace_settings.name
         backup.pixels.foreach_set(read_pixels(image))
         backup.use_fake_user = True
-        _pack(backup)
+        pack_texture(backup)
         backup_name = backup.name
     obj[PROP_SNAPSHOT] = {"weights": weights, "image": backup_name}
     return Snapshot(weights, backup_name)
@@ -403,14 +435,19 @@ def restore_snapshot(obj) -> Snapshot:
     if backup_name:
         backup = bpy.data.images.get(backup_name)
         image = texture_image(obj)
-        if backup is not None and image is not None and backup.has_data:
-            set_pixels(image, read_pixels(backup), tuple(backup.size))
+        if image is None or not has_pixels(backup):
+            missing = "its texture node was removed" if image is None else f"its backup image '{backup_name}' is gone"
+            raise UserError(f"cannot reset the texture of '{obj.name}': {missing} (the weights were reset)")
+        set_pixels(image, read_pixels(backup), tuple(backup.size))
+        pack_texture(image)
     return Snapshot(weights, backup_name)
 
 
 # ---------------------------------------------------------------------------- export
-def _pack(image) -> None:
-    """Pack the image's current pixels as PNG (exporters embed packed data; unsaved pixels are skipped)."""
+def pack_texture(image) -> None:
+    """Pack the image's current pixels as PNG into the .blend: saving the file keeps a fitted or reset
+    texture (a generated image's pixels are otherwise regenerated on load), and exporters embed
+    packed data (they skip unsaved pixels)."""
     if not image.filepath_raw:
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in image.name)
         image.filepath_raw = f"//{safe}.png"
@@ -431,7 +468,7 @@ def pack_textures(obj) -> list[str]:
             if image is None or image.source not in ("GENERATED", "FILE"):
                 continue
             if image.packed_file is None or image.is_dirty or image.source == "GENERATED":
-                _pack(image)
+                pack_texture(image)
                 packed.append(image.name)
     return packed
 

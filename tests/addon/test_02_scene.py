@@ -162,6 +162,47 @@ def test_user_mesh_becomes_a_bundle_the_backend_loads(addon, tmp_path):
     assert out.stdout.split() == [str(len(ref)), "2", "wide,tall", str(len(bundle.faces))]
 
 
+def test_user_mesh_is_fitted_as_it_stands_in_the_scene(addon):
+    """An object upright only through its rotation (a Y-up FBX import) and scale gives the bundle its
+    data would give with that transform applied; a mirroring scale also turns the winding."""
+    from mathutils import Matrix
+
+    from blender_addon import scene
+
+    def monkey(matrix, bake: bool):
+        bpy.ops.mesh.primitive_monkey_add()
+        obj = bpy.context.active_object
+        if bake:
+            obj.data.transform(matrix)
+        else:
+            obj.matrix_world = matrix
+        obj.shape_key_add(name="Basis")
+        kb = obj.shape_key_add(name="wide", from_mix=False)
+        for point in kb.data:
+            point.co.x *= 1.3
+        obj["sdshead_components"] = json.dumps(["wide"])
+        return scene.bundle_from_object(obj, ["wide"])
+
+    upright = Matrix.Rotation(np.pi / 2, 4, "X") @ Matrix.Diagonal((0.01, 0.01, 0.01, 1.0))
+    for matrix in (upright, Matrix.Diagonal((-1.0, 1.0, 1.0, 1.0))):
+        # keys made after the transform in both cases: the baked one widens along world x,
+        # the transformed one along local x, which this rotation and mirror keep as world x
+        by_transform, baked = monkey(matrix, bake=False), monkey(matrix, bake=True)
+        np.testing.assert_allclose(by_transform.mean, baked.mean, atol=1e-6)
+        np.testing.assert_allclose(by_transform.basis, baked.basis, atol=1e-6)
+        mirrored = matrix.determinant() < 0
+        expected_faces = baked.faces[:, [0, 2, 1]] if mirrored else baked.faces
+        np.testing.assert_array_equal(by_transform.faces, expected_faces)
+    bpy.ops.mesh.primitive_monkey_add()
+    flat = bpy.context.active_object
+    flat.shape_key_add(name="Basis")
+    flat.shape_key_add(name="wide", from_mix=False)
+    flat.scale = (1.0, 0.0, 1.0)
+    bpy.context.view_layer.update()
+    with pytest.raises(Exception, match="scaled to zero"):
+        scene.bundle_from_object(flat, ["wide"])
+
+
 @pytest.mark.parametrize("setup, message", [
     ("none", "No active object"),
     ("camera", "is a camera, not a mesh"),

@@ -101,6 +101,29 @@ def test_texture_stage_on_mesh_without_uvs_is_refused(addon, prefs):
     assert "has no UV map" in _fit_error()
 
 
+def test_texture_stage_over_a_linked_base_color_is_refused_before_any_change(addon, prefs):
+    """The user's material already feeds Base Color from a node: the fitted texture would not show,
+    so the fit is refused, and no image, node or link is added."""
+    bpy.ops.mesh.primitive_cube_add()
+    obj = bpy.context.active_object
+    obj.shape_key_add(name="Basis")
+    obj.shape_key_add(name="taller")
+    material = bpy.data.materials.new("Painted")
+    if material.node_tree is None:       # Blender < 5 makes the tree on request
+        material.use_nodes = True
+    tree = material.node_tree
+    bsdf = next(n for n in tree.nodes if n.type == "BSDF_PRINCIPLED")
+    colour = tree.nodes.new("ShaderNodeRGB")
+    tree.links.new(colour.outputs[0], bsdf.inputs["Base Color"])
+    obj.data.materials.append(material)
+    images, nodes, links = len(bpy.data.images), len(tree.nodes), len(tree.links)
+    settings = bpy.context.scene.sdshead
+    settings.prompt, settings.stage_texture = "a box", True
+    assert f"takes its Base Color from node '{colour.name}'" in _fit_error()
+    assert (len(bpy.data.images), len(tree.nodes), len(tree.links)) == (images, nodes, links)
+    assert bsdf.inputs["Base Color"].links[0].from_node == colour
+
+
 @pytest.mark.parametrize("mode, message, stderr", [
     ("garbage", "Backend answered garbage", "fake backend (garbage) starting"),
     ("crash", "ended during the fit (exit code 3)", "CUDA out of memory (fake)"),

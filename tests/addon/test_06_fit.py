@@ -84,6 +84,34 @@ def test_fit_changes_weights_and_pixels_then_reset_restores_them(real, head):
     assert CONTROLLER.backend.alive  # the model stays loaded for the next fit
 
 
+def test_saved_file_keeps_the_fitted_texture_and_reset_works_after_reopening(real, head, tmp_path):
+    """A generated image's pixels are regenerated when a file is opened unless they are packed: the
+    fit packs what it made, and Reset still finds the backup after the file is reopened (images
+    load lazily then)."""
+    from blender_addon import scene
+
+    obj, names, before = head
+    bpy.context.scene.sdshead.stage_texture = True
+    pixels_before = scene.read_pixels(scene.texture_image(obj))
+    assert bpy.ops.sdshead.fit() == {"FINISHED"}
+    assert _run().state == "done"
+    fitted, weights = scene.read_pixels(scene.texture_image(obj)), scene.read_weights(obj, names)
+    assert scene.texture_image(obj).packed_file is not None
+
+    path, name = tmp_path / "fitted.blend", obj.name
+    bpy.ops.wm.save_as_mainfile(filepath=str(path))
+    bpy.ops.wm.open_mainfile(filepath=str(path))
+    obj = bpy.data.objects[name]
+    bpy.context.view_layer.objects.active = obj
+    assert not scene.texture_image(obj).has_data                        # not loaded until used
+    np.testing.assert_array_equal(scene.read_pixels(scene.texture_image(obj)), fitted)
+    assert scene.read_weights(obj, names) == weights
+
+    assert bpy.ops.sdshead.reset() == {"FINISHED"}
+    assert scene.read_weights(obj, names) == before
+    np.testing.assert_array_equal(scene.read_pixels(scene.texture_image(obj)), pixels_before)
+
+
 def test_stop_ends_the_fit_within_one_iteration(real, head):
     from blender_addon import scene
     from blender_addon.controller import CONTROLLER
