@@ -207,7 +207,7 @@ def test_view_suffix_at_boundaries(azimuth, elevation, suffix):
     assert view_suffix(azimuth, elevation) == suffix
 
 
-def test_embeddings_are_cached_and_a_new_prompt_works_after_freeing(tiny_sd_dir):
+def test_embeddings_are_cached_and_the_text_encoder_stays_off_the_accelerator(tiny_sd_dir):
     guidance, pipe = make_guidance(tiny_sd_dir)
     calls = []
     pipe.text_encoder.register_forward_hook(lambda module, args, output: calls.append(args[0].shape[0]))

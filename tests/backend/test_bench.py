@@ -1,0 +1,43 @@
+"""`python -m sds_backend bench`: every figure the issues ask for is there and plausible (one repeat;
+the figures themselves are measured by running the bench, not here)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from sds_backend import bench_fit, bench_raster
+
+
+def _positive(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def test_bench_raster_reports_times_ratios_and_gradient_errors():
+    figures = bench_raster.run(torch.device("cpu"), repeats=1)
+    assert figures["device"] == "cpu"
+    for key in ("raster_ms_20k_256", "raster_ms_20k_512", "raster_ms_20k_1024", "raster_ms_80k_512",
+                "scale_pixels_1024_over_512", "scale_tris_80k_over_20k"):
+        assert _positive(figures[key]), (key, figures[key])
+    assert 15_000 < figures["triangles"]["20k"] < 25_000 and 60_000 < figures["triangles"]["80k"] < 100_000
+    assert 0 <= figures["silhouette_grad_rel_err_2k"] <= 0.05
+    assert 0 <= figures["silhouette_grad_rel_err_50k"] <= 0.05
+
+
+def test_bench_fit_reports_step_breakdown_and_overhead():
+    figures = bench_fit.run(torch.device("cpu"), repeats=2)
+    assert figures["device"] == "cpu" and figures["model"] == "tiny" and figures["render_size"] == 256
+    assert _positive(figures["step_ms"]) and _positive(figures["bare_sds_ms"])
+    assert figures["overhead_ratio"] == pytest.approx(figures["step_ms"] / figures["bare_sds_ms"], rel=0.01)
+    assert set(figures["breakdown_ms"]) == {"render", "vae_encode", "unet", "backward", "optimizer"}
+    assert all(_positive(v) for v in figures["breakdown_ms"].values())
+    assert "it_per_s" not in figures and "peak_mem_gb" not in figures     # CUDA-only figures
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_bench_fit_on_cuda_reports_speed_and_memory(tiny_sd_dir):
+    figures = bench_fit.run(torch.device("cuda"), repeats=2, model=str(tiny_sd_dir))
+    assert _positive(figures["it_per_s"]) and _positive(figures["peak_mem_gb"])
+    assert figures["dtype"] == "float16"
