@@ -129,9 +129,9 @@ def test_stop_ends_the_fit_within_one_iteration(real, head):
     status = _run(60)
     assert status.state == "stopped"
     assert status.iterations_done <= seen + 2, (status.iterations_done, seen)   # the one in flight, then stop
-    # the latency also covers the backend writing its outputs (weights.json, .glb, .gif, checkpoint)
-    # before it sends `done`: about 1-2 s here, which is not fit time
-    assert status.stop_latency < 2 * seconds_per_iteration + 10.0, (status.stop_latency, seconds_per_iteration)
+    # the latency also covers the backend writing the outputs the add-on asks for (weights.json and
+    # texture.png) before it sends `done`, and a loaded machine: ~0.2 s here
+    assert status.stop_latency < 2 * seconds_per_iteration + 2.0, (status.stop_latency, seconds_per_iteration)
     print(f"\nSTOP-LATENCY {status.stop_latency * 1000:.0f} ms; {seconds_per_iteration * 1000:.0f} ms per iteration; "
           f"stopped at iteration {status.iterations_done}, {seen} seen when Stop was pressed")
     stopped_weights = scene.read_weights(obj, names)
