@@ -218,23 +218,24 @@ def _zbuffer(screen, tri_batch, tri_face, batch, height, width):
 
     # x where the row meets the long edge (t->b) and the short edge (t->m above ym, m->b below).
     # Each edge is evaluated from its upper endpoint with the same expression in every
-    # triangle that shares it, so neighbours agree bit for bit and no pixel falls between.
+    # triangle that shares it, x = xa + (y - ya) * slope, so neighbours agree bit for bit and
+    # no pixel falls between. Slopes are per triangle (a horizontal edge's is never used).
     def at_span(t: torch.Tensor) -> torch.Tensor:
         return t.index_select(0, span_tri)
 
-    def edge_x(xa, ya, xc, yc):
-        return xa + (y - ya) * ((xc - xa) / (yc - ya))
-
-    yt_s, ym_s, yb_s, xt_s, xm_s, xb_s = map(at_span, (yt, ym, yb, xt, xm, xb))
-    x_long = edge_x(xt_s, yt_s, xb_s, yb_s)
-    x_short = torch.where(y < ym_s, edge_x(xt_s, yt_s, xm_s, ym_s), edge_x(xm_s, ym_s, xb_s, yb_s))
+    slope_long, slope_top, slope_bottom = (xb - xt) / (yb - yt), (xm - xt) / (ym - yt), (xb - xm) / (yb - ym)
+    yt_s, ym_s, xt_s, xm_s = map(at_span, (yt, ym, xt, xm))
+    x_long = xt_s + (y - yt_s) * at_span(slope_long)
+    x_short = torch.where(y < ym_s, xt_s + (y - yt_s) * at_span(slope_top), xm_s + (y - ym_s) * at_span(slope_bottom))
     col_start = torch.ceil(torch.minimum(x_long, x_short) - 0.5).clamp(0, width).to(torch.int64)
     col_end = torch.ceil(torch.maximum(x_long, x_short) - 0.5).clamp(0, width).to(torch.int64)
 
     # depth at the first pixel of each span, then one step of gx per pixel
     gx_s = at_span(gx)
     z_first = at_span(sz[0]) + gx_s * (col_start.to(dtype) + 0.5 - at_span(sx[0])) + at_span(gy) * (y - at_span(sy[0]))
-    base_pixel = at_span(tri_batch) * (height * width) + row * width + col_start
+    base_pixel = row * width + col_start
+    if batch > 1:
+        base_pixel = base_pixel + at_span(tri_batch) * (height * width)
 
     frag_span, step = _expand((col_end - col_start).clamp_min(0))
     frag_pixel = base_pixel.index_select(0, frag_span) + step
@@ -256,7 +257,7 @@ def _zbuffer(screen, tri_batch, tri_face, batch, height, width):
 
 def _expand(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Run-length expansion: counts [N] -> (owner [sum], position within its run [sum])."""
-    owner = torch.repeat_interleave(torch.arange(counts.shape[0], device=counts.device), counts)
+    owner = torch.repeat_interleave(counts)
     first = torch.cumsum(counts, 0) - counts
     return owner, torch.arange(owner.shape[0], device=counts.device) - first.index_select(0, owner)
 
@@ -277,11 +278,15 @@ def _barycentrics(clip_verts, faces, pixels, triangles, height, width):
     num_faces = faces.shape[0]
     if pixels.numel() == 0:
         return clip_verts.new_zeros(3, 0) + 0 * clip_verts.sum()  # stays in the graph: backward still works
-    hom = clip_verts[..., (0, 1, 3)].permute(2, 0, 1).reshape(3, batch * num_vertices)   # [xyw, B*V]
+    xyw = torch.tensor([0, 1, 3], device=clip_verts.device)
+    hom = clip_verts.reshape(batch * num_vertices, 4).index_select(1, xyw).t()          # [xyw, B*V]
     corner = (faces.t()[:, None, :] + (torch.arange(batch, device=faces.device) * num_vertices)[None, :, None])
     table = hom.index_select(1, corner.reshape(-1)).view(9, batch * num_faces)         # [xyw x corner, B*F]
-    pixel_triangle = (pixels // (height * width)) * num_faces + triangles
-    rem = pixels % (height * width)
+    if batch > 1:
+        pixel_triangle = (pixels // (height * width)) * num_faces + triangles
+        rem = pixels % (height * width)
+    else:
+        pixel_triangle, rem = triangles, pixels
     px = ((rem % width).to(clip_verts.dtype) * 2 + 1) / width - 1                       # NDC x
     py = 1 - ((rem // width).to(clip_verts.dtype) * 2 + 1) / height                     # NDC y
     x, y, w = table.index_select(1, pixel_triangle).view(3, 3, -1)                      # each [corner, P]
