@@ -113,6 +113,8 @@ class FitConfig:
     """Write a checkpoint every N iterations when a checkpoint path is given (0 disables)."""
     gif_frames: int = 24
     """Snapshots kept for the evolution GIF."""
+    compile: bool = False
+    """torch.compile the UNet: on CUDA the first steps are slow (compilation), later ones faster."""
 
     def __post_init__(self) -> None:
         check_fit_config(self)
@@ -159,6 +161,8 @@ def check_fit_config(config: FitConfig) -> None:
                             ("texture_every", 1, 100_000), ("checkpoint_every", 0, 100_000), ("gif_frames", 1, 500)):
         if not is_int(getattr(config, name)) or not low <= getattr(config, name) <= high:
             fail(name, f"an integer in [{low}, {high}]")
+    if not isinstance(config.compile, bool):
+        fail("compile", "true or false")
     if not is_int(config.seed) or not 0 <= config.seed < 2 ** 63:
         fail("seed", "an integer in [0, 2**63)")
     if config.guidance_resolution is not None and (not is_int(config.guidance_resolution)

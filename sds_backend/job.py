@@ -117,7 +117,8 @@ class Backend:
         if self.device.type == "cpu" and unet_parameters > 100_000_000:
             log.warning("running a %.0fM-parameter UNet on the CPU: expect tens of seconds per iteration "
                         "(a CUDA GPU is the intended target)", unet_parameters / 1e6)
-        guidance = StableDiffusionGuidance(diffusion, GuidanceConfig(model=diffusion.model_id))
+        guidance = StableDiffusionGuidance(diffusion, GuidanceConfig(model=diffusion.model_id,
+                                                                     compile=request.config.compile))
         fitter = Fitter(model, guidance, request.config, self.device)
         checkpoint = out_dir / "checkpoint.pt"
         state = None

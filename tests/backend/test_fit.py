@@ -297,3 +297,17 @@ def test_corrupt_or_foreign_checkpoint_is_refused(pipeline, tmp_path):
     other_model, _ = _oracle_fitter(pipeline, synthetic_model(6, seed=1), _short_config())
     with pytest.raises(ValueError, match="another morphable model"):
         load_checkpoint(tmp_path / "c.pt", other_model, "a face")
+
+
+def test_compile_setting_reaches_the_unet(tiny_sd_dir, tmp_path):
+    # `{"compile": true}` in a request's config wraps the UNet in torch.compile (compiled on first use)
+    from sds_backend.job import Backend, FitRequest
+
+    backend = Backend(torch.device("cpu"))
+    for flag in (False, True):
+        job = backend.prepare(FitRequest(prompt="a face", out_dir=tmp_path / str(flag), model=str(tiny_sd_dir),
+                                         config=FitConfig(compile=flag, shape_steps=1)))
+        guidance = job.fitter.guidance
+        assert (guidance._unet is not guidance.model.unet) is flag
+    with pytest.raises(ValueError, match="config.compile: expected true or false"):
+        FitConfig.from_dict({"compile": "yes"})
