@@ -144,8 +144,6 @@ class JobUpdate:
 
 
 _live: "weakref.WeakSet[Backend]" = weakref.WeakSet()
-
-
 _live_doctors: "weakref.WeakSet[DoctorRun]" = weakref.WeakSet()
 
 
