@@ -107,10 +107,9 @@ def antialias(color: torch.Tensor, rast: Rasterization, clip_verts: torch.Tensor
         return color
     screen, grad_screen, batch_of_edge = edges
 
-    covered = torch.zeros(batch * height * width, dtype=torch.bool, device=colors.device)
-    covered[rast.pixels] = True
+    covered = torch.zeros(batch * height * width, dtype=torch.bool, device=colors.device).index_fill_(0, rast.pixels, True)
     depth = torch.full((batch * height * width,), float("inf"), dtype=rast.depth.dtype, device=colors.device)
-    depth[rast.pixels] = rast.depth
+    depth.index_copy_(0, rast.pixels, rast.depth)
 
     found = _scanline_crossings(screen, grad_screen, batch_of_edge, height, width, covered, depth)
     if found is None:

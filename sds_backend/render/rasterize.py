@@ -50,19 +50,19 @@ class Rasterization:
     def triangle_id(self) -> torch.Tensor:
         """int64 [B, H, W]: visible face index, -1 where no triangle covers the pixel centre."""
         dense = torch.full((self.num_pixels,), -1, dtype=torch.int64, device=self.pixels.device)
-        dense[self.pixels] = self.triangles
+        dense.index_copy_(0, self.pixels, self.triangles)
         return dense.view(self.batch, *self.resolution)
 
     def mask(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """[B, H, W, 1]: 1 where a triangle covers the pixel centre, else 0 (no gradient)."""
         dense = torch.zeros(self.num_pixels, dtype=dtype, device=self.pixels.device)
-        dense[self.pixels] = 1
+        dense.index_fill_(0, self.pixels, 1)
         return dense.view(self.batch, *self.resolution, 1)
 
     def dense_depth(self) -> torch.Tensor:
         """float [B, H, W]: z/w of the visible surface, +inf where empty (no gradient)."""
         dense = torch.full((self.num_pixels,), float("inf"), dtype=self.depth.dtype, device=self.pixels.device)
-        dense[self.pixels] = self.depth
+        dense.index_copy_(0, self.pixels, self.depth)
         return dense.view(self.batch, *self.resolution)
 
     def dense_bary(self) -> torch.Tensor:
