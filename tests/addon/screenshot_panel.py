@@ -136,8 +136,12 @@ def step():
     if phase == "shoot":
         shoot()
         window, area, region, sidebar = view3d()
-        with bpy.context.temp_override(window=window, area=area, region=sidebar):
-            bpy.ops.sdshead.stop()
+        if CONTROLLER.busy:
+            try:
+                with bpy.context.temp_override(window=window, area=area, region=sidebar):
+                    bpy.ops.sdshead.stop()
+            except RuntimeError as exc:     # the fit ended in between: Stop's poll refuses, nothing to stop
+                log(f"stop: {exc}")
         state["step"] = "quit"
         return 1.0
     if phase == "quit":
@@ -148,4 +152,16 @@ def step():
     return None
 
 
-bpy.app.timers.register(step, first_interval=1.0)
+def guarded_step():
+    """A timer that raises is dropped and Blender would wait forever: report and quit instead."""
+    try:
+        return step()
+    except Exception:
+        import traceback
+
+        log("FAILED in step " + state["step"] + "\n" + traceback.format_exc())
+        bpy.ops.wm.quit_blender()
+        return None
+
+
+bpy.app.timers.register(guarded_step, first_interval=1.0)
