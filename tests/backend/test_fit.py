@@ -58,8 +58,8 @@ def test_oracle_fit_recovers_shape_weights(pipeline):
     model = synthetic_model(10)
     # the oracle's gradient is noise-free, so a decaying rate shows how precisely the
     # pipeline (renderer, VAE, SDS gradient, optimiser) can find the target. 128² renders
-    # encoded as they are (no resize to the tiny model's 256²): ~0.4% error in a third of the time
-    config = FitConfig(shape_steps=400, render_size=128, guidance_resolution=128, lr=0.1, lr_decay=0.1, event_every=50)
+    # encoded as they are (no resize to the tiny model's 256²): ~0.4% error after 200 iterations
+    config = FitConfig(shape_steps=200, render_size=128, guidance_resolution=128, lr=0.1, lr_decay=0.1, event_every=50)
     fitter, guidance = _oracle_fitter(pipeline, model, config)
     target = torch.randn(10, generator=torch.Generator().manual_seed(5)).clamp(-2, 2).numpy()
     oracle = OracleDenoiser(fitter, fitter.initial_state(target))
@@ -78,7 +78,7 @@ def test_oracle_fit_recovers_the_default_heads_strongest_components(pipeline):
     head = MorphableModel.load(DEFAULT_BUNDLE)
     model = MorphableModel.from_arrays(mean=head.mean, basis=head.basis[:6], names=head.names[:6], faces=head.faces,
                                        uv=head.uv, uv_faces=head.uv_faces, meta=head.meta)
-    config = FitConfig(shape_steps=400, render_size=128, guidance_resolution=128, lr=0.1, lr_decay=0.1, event_every=50)
+    config = FitConfig(shape_steps=200, render_size=128, guidance_resolution=128, lr=0.1, lr_decay=0.1, event_every=50)
     fitter, _ = _oracle_fitter(pipeline, model, config)
     target = torch.randn(6, generator=torch.Generator().manual_seed(5)).clamp(-2, 2).numpy()
     fitter.guidance.noise_predictor = OracleDenoiser(fitter, fitter.initial_state(target))
