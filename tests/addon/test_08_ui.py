@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import subprocess
 
 import pytest
@@ -22,9 +23,18 @@ def test_fit_runs_from_the_panel_with_ui_timers(tmp_path, tiny_sd_dir):
     command = ["xvfb-run", "-a", "-s", "-screen 0 1600x900x24", BLENDER, "--enable-event-simulate",
                "--factory-startup", "-P", str(HERE / "screenshot_panel.py"), "--", "--out", str(shot),
                "--model", str(tiny_sd_dir), "--python", str(SERVE_PYTHON), "--steps", "25", "--at", "0.3"]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    log = result.stdout + result.stderr
-    assert result.returncode == 0, log[-3000:]
+    # xvfb-run starts Blender as its child: on a timeout the whole group must go, or a Blender (and
+    # its backend) left behind would slow every later test
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        pytest.fail("Blender under Xvfb did not finish within 300 s:\n" + (stdout + stderr)[-3000:])
+    log = stdout + stderr
+    assert process.returncode == 0, log[-3000:]
     assert "[screenshot] fit: {'FINISHED'}" in log
     assert shot.is_file() and shot.stat().st_size > 50_000          # a real window, not a blank image
     final = re.search(r"\[screenshot\] final state: (\w+)", log)
