@@ -107,7 +107,8 @@ def antialias(color: torch.Tensor, rast: Rasterization, clip_verts: torch.Tensor
         return color
     screen, grad_screen, batch_of_edge = edges
 
-    covered = torch.zeros(batch * height * width, dtype=torch.bool, device=colors.device).index_fill_(0, rast.pixels, True)
+    covered = torch.zeros(batch * height * width, dtype=torch.bool, device=colors.device)
+    covered.index_fill_(0, rast.pixels, True)
     depth = torch.full((batch * height * width,), float("inf"), dtype=rast.depth.dtype, device=colors.device)
     depth.index_copy_(0, rast.pixels, rast.depth)
 
@@ -167,7 +168,8 @@ def _visible_side_edges(clip_verts, faces, topology, height, width):
         marker = torch.where(second_is_front, _at(topology.opposite[:, 1], edge), _at(topology.opposite[:, 0], edge))
         base = edge_batch * num_vertices
         a, c, o = _at(topology.edges[:, 0], edge) + base, _at(topology.edges[:, 1], edge) + base, marker + base
-        screen = torch.stack([_at(xd, a), _at(yd, a), _at(xd, c), _at(yd, c), _at(z, a), _at(z, c), _at(xd, o), _at(yd, o)])
+        screen = torch.stack([_at(xd, a), _at(yd, a), _at(xd, c), _at(yd, c), _at(z, a), _at(z, c),
+                              _at(xd, o), _at(yd, o)])
     grad_screen = torch.stack([_at(x, a), _at(y, a), _at(x, c), _at(y, c)])
     return screen, grad_screen, edge_batch
 
