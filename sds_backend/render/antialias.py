@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .rasterize import Rasterization, _expand, check_mesh_inputs
+from .rasterize import Rasterization, _expand, check_mesh_inputs, corner_indices
 
 _BLEND_BAND = (0.4, 0.6)  # fraction |dv| / (|du| + |dv|) over which the two scan directions blend
 
@@ -69,7 +69,8 @@ def prepare_topology(faces: torch.Tensor) -> Topology:
     edge_faces = torch.stack([owner[order[first]], torch.where(has_second, owner[order[second]], -1)], 1)
     edge_opposite = torch.stack([opposite[order[first]], torch.where(has_second, opposite[order[second]], -1)], 1)
     edges = torch.stack([unique_key // stride, unique_key % stride], 1)
-    return Topology(edges, edge_faces, edge_opposite, num_faces)
+    # stored column by column, so that the columns `antialias` indexes with are contiguous
+    return Topology(*(t.t().contiguous().t() for t in (edges, edge_faces, edge_opposite)), num_faces)
 
 
 def antialias(color: torch.Tensor, rast: Rasterization, clip_verts: torch.Tensor, faces: torch.Tensor,
@@ -147,7 +148,7 @@ def _visible_side_edges(clip_verts, faces, topology, height, width):
     with torch.no_grad():
         z = flat[:, 2] / safe_w
         offset = (torch.arange(batch, device=device) * num_vertices)[:, None]
-        corner = (faces.to(torch.int64).t()[:, None, :] + offset[None]).reshape(3, -1)   # [3, B*F]
+        corner = corner_indices(faces, batch, num_vertices)                             # [3, B*F]
         xd, yd = x.detach(), y.detach()
         cx, cy = (_at(t, corner.reshape(-1)).view(3, -1) for t in (xd, yd))             # [corner, B*F]
         # screen y points down, so counter-clockwise in NDC is negative signed area here
@@ -158,7 +159,7 @@ def _visible_side_edges(clip_verts, faces, topology, height, width):
         front0 = front.index_select(1, face0)
         front1 = front.index_select(1, face1.clamp_min(0))
         silhouette = boundary[None] | (front0 != front1)                             # [B, E]
-        ends = (topology.edges.t()[:, None, :] + offset[None]).reshape(2, -1)        # [2, B*E]
+        ends = (torch.stack(topology.edges.unbind(1))[:, None, :] + offset[None]).reshape(2, -1)  # [2, B*E]
         silhouette &= (_at(in_front, ends[0]) & _at(in_front, ends[1])).view(batch, num_edges)
         edge_batch, edge = torch.nonzero(silhouette, as_tuple=True)
         if edge.numel() == 0:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .rasterize import Rasterization
+from .rasterize import Rasterization, pixel_corners
 
 _TEXTURE_FILTERS = ("bilinear", "nearest")
 
@@ -40,9 +40,7 @@ def interpolate_pixels(attr: torch.Tensor, rast: Rasterization, faces: torch.Ten
     """
     attr_batch, num_vertices, channels = attr.shape
     height, width = rast.resolution
-    corner = faces.to(torch.int64).index_select(0, rast.triangles).t()            # [3, P]
-    if attr_batch > 1:
-        corner = corner + (rast.pixels // (height * width)) * num_vertices
+    corner = pixel_corners(faces, rast.triangles, rast.pixels, height * width, attr_batch, num_vertices)  # [3, P]
     table = attr.permute(2, 0, 1).reshape(channels, attr_batch * num_vertices)    # [C, B*V]
     bary = rast.bary.to(attr.dtype)
     # one corner at a time keeps every intermediate at [C, P] (forward and backward)

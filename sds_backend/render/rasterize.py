@@ -16,12 +16,16 @@ Conventions (shared by every primitive in this package):
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
 
+_FACE_CACHE: dict[int, tuple] = {}
+_FACE_CACHE_SIZE = 8
 _EMPTY_KEY = torch.iinfo(torch.int64).max
 _LOW32 = 0xFFFFFFFF
+_FAR_KEY = (0x3F800000 + 1) << 32   # keys of depth01 <= 1.0 (float bits 0x3F800000) lie below
 
 
 @dataclass(frozen=True)
@@ -85,12 +89,55 @@ def check_mesh_inputs(clip_verts: torch.Tensor, faces: torch.Tensor) -> None:
     if faces.device != clip_verts.device:
         raise ValueError(f"faces on {faces.device} but clip_verts on {clip_verts.device}; put both on one device")
     num_vertices = clip_verts.shape[1]
-    if faces.numel() and (int(faces.min()) < 0 or int(faces.max()) >= num_vertices):
-        raise ValueError(f"faces: indices must lie in [0, {num_vertices}), got range "
-                         f"[{int(faces.min())}, {int(faces.max())}]")
+    _, low, high = _face_tables(faces)
+    if faces.numel() and (low < 0 or high >= num_vertices):
+        raise ValueError(f"faces: indices must lie in [0, {num_vertices}), got range [{low}, {high}]")
     # amax propagates NaN and keeps inf: one reduction instead of an elementwise mask
     if clip_verts.numel() and not bool(torch.isfinite(clip_verts.abs().amax())):
         raise ValueError("clip_verts contains NaN or inf")
+
+
+def corner_indices(faces: torch.Tensor, batch: int = 1, num_vertices: int = 0) -> torch.Tensor:
+    """int64 [3, B*F]: row k holds corner k of every face of every batch item, as an index into
+    the batch-flattened [B*V] vertex array (num_vertices = V; unused when batch is 1)."""
+    corners = _face_tables(faces)[0]
+    if batch == 1:
+        return corners
+    offset = torch.arange(batch, device=faces.device) * num_vertices
+    return (corners[:, None, :] + offset[None, :, None]).reshape(3, -1)
+
+
+def _face_tables(faces: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """(corner rows int64 [3, F], smallest index, largest index) of a face array.
+
+    A face array is usually a long-lived buffer rendered many times, so these are cached per
+    tensor (invalidated by in-place changes): the corner rows are a transposing copy, which
+    costs more than the gathers that use them, and the index range is two reductions.
+    """
+    key = id(faces)
+    hit = _FACE_CACHE.get(key)
+    if hit is not None and hit[0]() is faces and hit[1] == faces._version:
+        return hit[2]
+    corners = torch.stack(faces.to(torch.int64).unbind(1))                     # [3, F]
+    tables = (corners, int(faces.min()), int(faces.max())) if faces.numel() else (corners, 0, -1)
+    if len(_FACE_CACHE) >= _FACE_CACHE_SIZE:
+        _FACE_CACHE.pop(next(iter(_FACE_CACHE)))
+    _FACE_CACHE[key] = (weakref.ref(faces), faces._version, tables)
+    return tables
+
+
+def pixel_corners(faces: torch.Tensor, triangles: torch.Tensor, pixels: torch.Tensor, pixels_per_image: int,
+                  batch: int, num_vertices: int) -> torch.Tensor:
+    """int64 [3, P]: corner vertex indices (into the batch-flattened [B*V] vertex array) of the
+    triangles seen at the covered pixels (a Rasterization's triangles and pixels). Three 1-D
+    gathers: several times faster than one along axis 1."""
+    corners = corner_indices(faces)
+    out = corners.new_empty(3, triangles.shape[0])
+    for k in range(3):
+        torch.index_select(corners[k], 0, triangles, out=out[k])
+    if batch > 1:
+        out += (pixels // pixels_per_image) * num_vertices
+    return out
 
 
 def _check_resolution(resolution: int | tuple[int, int]) -> tuple[int, int]:
@@ -118,7 +165,6 @@ def rasterize(clip_verts: torch.Tensor, faces: torch.Tensor, resolution: int | t
     check_mesh_inputs(clip_verts, faces)
     height, width = _check_resolution(resolution)
     batch, num_vertices = clip_verts.shape[:2]
-    faces = faces.to(torch.int64)
     with torch.no_grad():
         screen, tri_batch, tri_face = _screen_triangles(clip_verts.detach(), faces, height, width)
         pixels, triangles, depth = _zbuffer(screen, tri_batch, tri_face, batch, height, width)
@@ -143,14 +189,18 @@ def _screen_triangles(clip_verts: torch.Tensor, faces: torch.Tensor, height: int
     num_faces = faces.shape[0]
     device = clip_verts.device
     flat = clip_verts.reshape(batch * num_vertices, 4)
-    corner = (faces.t()[:, None, :] + (torch.arange(batch, device=device) * num_vertices)[None, :, None])
-    corner = corner.reshape(3, batch * num_faces)                                   # [3, B*F]
+    corner = corner_indices(faces, batch, num_vertices)                             # [3, B*F]
     tri_batch = torch.arange(batch, device=device).repeat_interleave(num_faces)
     tri_face = torch.arange(num_faces, device=device).repeat(batch)
 
     near_dist = flat[:, 2] + flat[:, 3]                      # >= 0: in front of the near plane
     vertex_screen = _to_screen(flat, height, width)          # [3, B*V]; garbage where behind
-    screen = vertex_screen.index_select(1, corner.reshape(-1)).view(3, 3, -1)                # [3, 3, B*F]
+    screen = vertex_screen.new_empty(3, corner.numel())
+    for k in range(3):                                       # 1-D gathers: faster than along axis 1
+        torch.index_select(vertex_screen[k], 0, corner.view(-1), out=screen[k])
+    screen = screen.view(3, 3, -1)                           # [3, 3, B*F]
+    if bool((near_dist >= 0).all()):
+        return screen, tri_batch, tri_face
     num_behind = (near_dist.index_select(0, corner.reshape(-1)).view(3, -1) < 0).sum(0)
     if bool((num_behind == 0).all()):
         return screen, tri_batch, tri_face
@@ -191,68 +241,109 @@ def _clip_near(tri: torch.Tensor, dist: torch.Tensor):
 
 def _zbuffer(screen, tri_batch, tri_face, batch, height, width):
     """Scanline visibility over screen triangles [3, 3, N]. -> pixels [P], faces [P], depth [P]."""
-    device, dtype = screen.device, screen.dtype
-    sx, sy, sz = screen[0], screen[1], screen[2]              # each [3 corners, N]
-    # z/w is affine in screen space: z = z0 + gx (x - x0) + gy (y - y0)
+    sx, sy = screen[0], screen[1]
+    area = (sx[1] - sx[0]) * (sy[2] - sy[0]) - (sx[2] - sx[0]) * (sy[1] - sy[0])
+    # degenerate or off-screen triangles (and w <= 0 from exotic matrices) get no rows
+    live = (area != 0) & torch.isfinite(area) & (sx.amax(0) >= 0) & (sx.amin(0) <= width)
+    zbuf = torch.full((batch * height * width,), _EMPTY_KEY, dtype=torch.int64, device=screen.device)
+    tris = None if bool(live.all()) else torch.nonzero(live).squeeze(1)
+    span_tri = _draw(screen, tris, tri_batch, zbuf, height, width)
+    pixels = torch.nonzero(zbuf < _FAR_KEY).squeeze(1)
+    won = zbuf.index_select(0, pixels)
+    depth = (won >> 32).to(torch.int32).view(torch.float32).to(screen.dtype) * 2 - 1
+    return pixels, tri_face.index_select(0, span_tri.index_select(0, won & _LOW32)), depth
+
+
+def _draw(screen, tris, tri_batch, zbuf, height, width):
+    """Scanline-convert the triangles `tris` (None: all) of screen [3, 3, N] into zbuf (keys, amin).
+
+    Fragment keys order by depth, then by span index, which follows triangle order, so exact
+    depth ties go to the earlier triangle. -> the screen triangle of each span [S].
+    """
+    dtype = screen.dtype
+    if tris is not None:
+        screen = screen.index_select(2, tris)
+    sx, sy, sz = screen                                                      # each [3 corners, n]
+    num_tris = sx.shape[1]
+    # z/w is affine in screen space: z = z_origin + gx x + gy y
     ex1, ey1, ez1 = sx[1] - sx[0], sy[1] - sy[0], sz[1] - sz[0]
     ex2, ey2, ez2 = sx[2] - sx[0], sy[2] - sy[0], sz[2] - sz[0]
     area = ex1 * ey2 - ex2 * ey1
-    # degenerate or off-screen triangles (and w <= 0 from exotic matrices) get no rows
-    live = (area != 0) & torch.isfinite(area) & (sx.max(0).values >= 0) & (sx.min(0).values <= width)
-    safe_area = torch.where(live, area, torch.ones_like(area))
-    gx = (ez1 * ey2 - ez2 * ey1) / safe_area
-    gy = (ex1 * ez2 - ex2 * ez1) / safe_area
+    gx = (ez1 * ey2 - ez2 * ey1) / area
+    gy = (ex1 * ez2 - ex2 * ez1) / area
+    z_origin = sz[0] - gx * sx[0] - gy * sy[0]
 
-    # sort corners by y: top (t), middle (m), bottom (b)
-    sy_sorted, order = sy.sort(0)
-    yt, ym, yb = sy_sorted
-    xt, xm, xb = torch.gather(sx, 0, order)
+    (xt, xm, xb), (yt, ym, yb) = _sort_corners_by_y(sx, sy)
+    # rows whose centre y = j + 0.5 lies in [yt, yb): the upper part [yt, ym) and lower part [ym, yb)
+    row_t, row_m, row_b = (torch.ceil(t - 0.5).clamp(0, height).to(torch.int64) for t in (yt, ym, yb))
+    rows_upper = (row_m - row_t).clamp_min(0)
+    rows_lower = (row_b - row_m).clamp_min(0)
 
-    # rows whose centre y = j + 0.5 lies in [yt, yb)
-    row_start = torch.ceil(yt - 0.5).clamp(0, height).to(torch.int64)
-    row_end = torch.ceil(yb - 0.5).clamp(0, height).to(torch.int64)
-    rows_per_tri = torch.where(live, row_end - row_start, 0).clamp_min(0)
-    span_tri, row_offset = _expand(rows_per_tri)
-    row = row_start.index_select(0, span_tri) + row_offset
+    # Every edge is the line x = offset + y * slope, with both numbers computed from its upper
+    # endpoint and slope in the same way in every triangle that shares it: neighbours agree bit
+    # for bit on where a row crosses it, so no pixel falls between them. A half (upper or lower
+    # part of a triangle) is bounded by the long edge t->b and one short edge, t->m or m->b.
+    def line(xa, ya, xc, yc):
+        slope = (xc - xa) / (yc - ya)           # inf/nan only on horizontal edges, which own no rows
+        return xa - ya * slope, slope
+
+    long_offset, long_slope = line(xt, yt, xb, yb)
+    short_offset, short_slope = (torch.cat(pair) for pair in zip(line(xt, yt, xm, ym), line(xm, ym, xb, yb)))
+    # spans are listed triangle by triangle (upper half, then lower half);
+    # `half` indexes the [upper halves, lower halves] arrays
+    span_half, row_offset = _expand(torch.stack([rows_upper, rows_lower], 1).view(-1))
+    span_tri = span_half >> 1
+    half = span_tri + (span_half & 1) * num_tris
+    row = torch.cat([row_t, row_m]).index_select(0, half) + row_offset
     y = row.to(dtype) + 0.5
 
-    # x where the row meets the long edge (t->b) and the short edge (t->m above ym, m->b below).
-    # Each edge is evaluated from its upper endpoint with the same expression in every
-    # triangle that shares it, x = xa + (y - ya) * slope, so neighbours agree bit for bit and
-    # no pixel falls between. Slopes are per triangle (a horizontal edge's is never used).
-    def at_span(t: torch.Tensor) -> torch.Tensor:
+    def at_tri(t):
         return t.index_select(0, span_tri)
 
-    slope_long, slope_top, slope_bottom = (xb - xt) / (yb - yt), (xm - xt) / (ym - yt), (xb - xm) / (yb - ym)
-    yt_s, ym_s, xt_s, xm_s = map(at_span, (yt, ym, xt, xm))
-    x_long = xt_s + (y - yt_s) * at_span(slope_long)
-    x_short = torch.where(y < ym_s, xt_s + (y - yt_s) * at_span(slope_top), xm_s + (y - ym_s) * at_span(slope_bottom))
+    x_long = at_tri(long_offset) + y * at_tri(long_slope)
+    x_short = short_offset.index_select(0, half) + y * short_slope.index_select(0, half)
     col_start = torch.ceil(torch.minimum(x_long, x_short) - 0.5).clamp(0, width).to(torch.int64)
     col_end = torch.ceil(torch.maximum(x_long, x_short) - 0.5).clamp(0, width).to(torch.int64)
 
     # depth at the first pixel of each span, then one step of gx per pixel
-    gx_s = at_span(gx)
-    z_first = at_span(sz[0]) + gx_s * (col_start.to(dtype) + 0.5 - at_span(sx[0])) + at_span(gy) * (y - at_span(sy[0]))
+    gx_s = at_tri(gx)
+    z_first = at_tri(z_origin) + gx_s * (col_start.to(dtype) + 0.5) + at_tri(gy) * y
+    if tris is not None:
+        span_tri = tris.index_select(0, span_tri)
     base_pixel = row * width + col_start
-    if batch > 1:
-        base_pixel = base_pixel + at_span(tri_batch) * (height * width)
+    if zbuf.shape[0] > height * width:
+        base_pixel = base_pixel + tri_batch.index_select(0, span_tri) * (height * width)
 
     frag_span, step = _expand((col_end - col_start).clamp_min(0))
+    if frag_span.numel() == 0:
+        return span_tri
+    if span_half.shape[0] > _LOW32:
+        raise ValueError(f"too many triangle rows to rasterize in one call ({span_half.shape[0]}); split the batch")
     frag_pixel = base_pixel.index_select(0, frag_span) + step
     frag_z = z_first.index_select(0, frag_span) + gx_s.index_select(0, frag_span) * step.to(dtype)
-    frag_face = at_span(tri_face).index_select(0, frag_span)
+    # Depths beyond the far plane (and NaN) map to keys above _FAR_KEY: positive floats order
+    # like their bit patterns, so no per-fragment select is needed.
+    depth01 = ((frag_z.float() + 1) * 0.5).clamp_min(0)
+    key = (depth01.view(torch.int32).to(torch.int64) << 32) | frag_span
+    zbuf.scatter_reduce_(0, frag_pixel, key, reduce="amin", include_self=True)
+    return span_tri
 
-    # nearest fragment per pixel: the key orders by depth, then by face id on exact ties
-    depth01 = ((frag_z.float() + 1) * 0.5).clamp(0, 1)
-    key = (depth01.view(torch.int32).to(torch.int64) << 32) | frag_face
-    key = torch.where((frag_z >= -1) & (frag_z <= 1), key, _EMPTY_KEY)
-    zbuf = torch.full((batch * height * width,), _EMPTY_KEY, dtype=torch.int64, device=device)
-    if key.numel():
-        zbuf.scatter_reduce_(0, frag_pixel, key, reduce="amin", include_self=True)
-    pixels = torch.nonzero(zbuf != _EMPTY_KEY).squeeze(1)
-    won = zbuf.index_select(0, pixels)
-    depth = (won >> 32).to(torch.int32).view(torch.float32).to(dtype) * 2 - 1
-    return pixels, won & _LOW32, depth
+
+def _sort_corners_by_y(sx: torch.Tensor, sy: torch.Tensor):
+    """Corners [3, N] reordered by y (ties by corner index). -> (x rows, y rows), top first.
+
+    Ranks from three comparisons and one scatter: several times faster than sort along a
+    leading axis of length three.
+    """
+    num = sx.shape[1]
+    y0, y1, y2 = sy
+    c01, c02, c12 = (y1 < y0).to(torch.int64), (y2 < y0).to(torch.int64), (y2 < y1).to(torch.int64)
+    rank = torch.stack([c01 + c02, 1 - c01 + c12, 2 - c02 - c12])                     # [3, N]
+    target = rank * num + torch.arange(num, device=sx.device)
+    target = torch.cat([target.view(-1), target.view(-1) + 3 * num])
+    out = torch.empty(6 * num, dtype=sx.dtype, device=sx.device)
+    out.index_copy_(0, target, torch.cat([sx.reshape(-1), sy.reshape(-1)]))
+    return out.view(2, 3, num).unbind(0)
 
 
 def _expand(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -275,21 +366,16 @@ def _barycentrics(clip_verts, faces, pixels, triangles, height, width):
     form c_i . p cancels terms of the size of the coordinates.
     """
     batch, num_vertices = clip_verts.shape[:2]
-    num_faces = faces.shape[0]
     if pixels.numel() == 0:
         return clip_verts.new_zeros(3, 0) + 0 * clip_verts.sum()  # stays in the graph: backward still works
-    xyw = torch.tensor([0, 1, 3], device=clip_verts.device)
-    hom = clip_verts.reshape(batch * num_vertices, 4).index_select(1, xyw).t()          # [xyw, B*V]
-    corner = (faces.t()[:, None, :] + (torch.arange(batch, device=faces.device) * num_vertices)[None, :, None])
-    table = hom.index_select(1, corner.reshape(-1)).view(9, batch * num_faces)         # [xyw x corner, B*F]
-    if batch > 1:
-        pixel_triangle = (pixels // (height * width)) * num_faces + triangles
-        rem = pixels % (height * width)
-    else:
-        pixel_triangle, rem = triangles, pixels
+    flat = clip_verts.reshape(batch * num_vertices, 4)
+    rem = pixels % (height * width) if batch > 1 else pixels
     px = ((rem % width).to(clip_verts.dtype) * 2 + 1) / width - 1                       # NDC x
     py = 1 - ((rem // width).to(clip_verts.dtype) * 2 + 1) / height                     # NDC y
-    x, y, w = table.index_select(1, pixel_triangle).view(3, 3, -1)                      # each [corner, P]
+    # the corners' vertex indices per pixel, then 1-D gathers of x, y and w: gathering along
+    # the second axis of a [9, F] table is several times slower, and so is its backward
+    pixel_corner = pixel_corners(faces, triangles, pixels, height * width, batch, num_vertices).view(-1)
+    x, y, w = (flat[:, k].contiguous().index_select(0, pixel_corner).view(3, -1) for k in (0, 1, 3))
     dx, dy = x - px * w, y - py * w
     e = cross_rows(dx, dy)                                                               # e_i = d_{i+1} x d_{i+2}
     return e / e.sum(0, keepdim=True)

@@ -13,7 +13,7 @@ import torch
 from .antialias import Topology, antialias, prepare_topology
 from .camera import Cameras
 from .interpolate import interpolate_pixels, sample_pixels, to_image
-from .rasterize import cross_rows, rasterize
+from .rasterize import corner_indices, cross_rows, rasterize
 
 ShadingMode = Literal["lambert", "normal"]
 SHADING_MODES = ("lambert", "normal")
@@ -32,8 +32,7 @@ def vertex_normals(vertices: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
     batch, num_vertices = vertices.shape[:2]
     faces = faces.to(torch.int64)
     # channel-first 1-D gathers and scatters: much faster than row gathers of [.., 3] vectors
-    offset = (torch.arange(batch, device=faces.device) * num_vertices)[:, None]
-    corner = (faces.t()[:, None, :] + offset).reshape(3, -1)                    # [3, B*F]
+    corner = corner_indices(faces, batch, num_vertices)                         # [3, B*F]
     table = vertices.permute(2, 0, 1).reshape(3, batch * num_vertices)          # [xyz, B*V]
     v0, v1, v2 = (table.index_select(1, corner[k]) for k in range(3))
     face_normals = cross_rows(v1 - v0, v2 - v0)                                 # length = 2 * area

@@ -104,6 +104,23 @@ def test_batch_and_bad_arguments():
         rasterize(clip, faces, 0)
 
 
+def test_face_array_changed_in_place_is_seen():
+    # corner rows and index range are cached per face tensor; an in-place edit must not reuse them
+    vertices, faces = uv_sphere(9, 18)
+    cams = camera.orbit_cameras(torch.tensor([30.0]), torch.tensor([10.0]), 3.0)
+    clip = cams.to_clip(vertices.float())
+    before = rasterize(clip, faces, 48)
+    faces.copy_(faces.flip(0))                                 # same faces, reversed order
+    after = rasterize(clip, faces, 48)
+    fresh = rasterize(clip, faces.clone(), 48)
+    assert torch.equal(after.triangles, fresh.triangles)
+    assert not torch.equal(after.triangles, before.triangles)
+    assert torch.equal(interpolate(vertices.float(), after, faces), interpolate(vertices.float(), fresh, faces.clone()))
+    faces[0, 0] = 10_000
+    with pytest.raises(ValueError, match="faces: indices must lie in"):
+        rasterize(clip, faces, 16)
+
+
 def _mesh_clip(n_lat=9, n_lon=18):
     vertices, faces = uv_sphere(n_lat, n_lon)
     offset = torch.tensor([0.1, -0.05, -3.2], dtype=torch.float64)
