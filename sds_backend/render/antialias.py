@@ -24,7 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .rasterize import Rasterization, _expand, check_mesh_inputs, corner_indices
+from .rasterize import (COVERED_KEY_LIMIT, Rasterization, _expand, check_mesh_inputs, corner_indices,
+                        decode_depth, gather_columns)
 
 _BLEND_BAND = (0.4, 0.6)  # fraction |dv| / (|du| + |dv|) over which the two scan directions blend
 
@@ -108,19 +109,40 @@ def antialias(color: torch.Tensor, rast: Rasterization, clip_verts: torch.Tensor
         return color
     screen, grad_screen, batch_of_edge = edges
 
-    covered = torch.zeros(batch * height * width, dtype=torch.bool, device=colors.device)
-    covered.index_fill_(0, rast.pixels, True)
-    depth = torch.full((batch * height * width,), float("inf"), dtype=rast.depth.dtype, device=colors.device)
-    depth.index_copy_(0, rast.pixels, rast.depth)
-
-    found = _scanline_crossings(screen, grad_screen, batch_of_edge, height, width, covered, depth)
+    found = _scanline_crossings(screen, grad_screen, batch_of_edge, height, width, rast.depth_keys(), rast.depth.dtype)
     if found is None:
         return color
     target, in_pixel, out_pixel, scale = found
-    # one gather for both sides keeps the backward to a single scatter into a [C, B*H*W] buffer
-    sides = colors.index_select(1, torch.cat([out_pixel, in_pixel])).view(channels, 2, -1)
-    blended = colors.index_add(1, target, scale.to(colors.dtype) * (sides[:, 0] - sides[:, 1]))
+    blended = _Blend.apply(colors, target, out_pixel, in_pixel, scale.to(colors.dtype))
     return blended.view(channels, batch, height, width).permute(1, 2, 3, 0)
+
+
+class _Blend(torch.autograd.Function):
+    """colors [C, N] + scale * (colors[:, out] - colors[:, in]) added at the target pixels.
+
+    Written out so that the backward scatters the side gradients into its copy of the incoming
+    gradient: autograd would fill a zero [C, N] buffer for them and add it, two more passes over
+    the image.
+    """
+
+    @staticmethod
+    def forward(ctx, colors, target, out_pixel, in_pixel, scale):
+        difference = colors.index_select(1, out_pixel) - colors.index_select(1, in_pixel)      # [C, K]
+        ctx.save_for_backward(target, out_pixel, in_pixel, scale, difference)
+        return colors.index_add(1, target, scale * difference)
+
+    @staticmethod
+    def backward(ctx, grad):
+        target, out_pixel, in_pixel, scale, difference = ctx.saved_tensors
+        grad_at_target = grad.index_select(1, target)
+        grad_scale = (grad_at_target * difference).sum(0) if ctx.needs_input_grad[4] else None
+        grad_colors = None
+        if ctx.needs_input_grad[0]:
+            grad_colors = grad.clone(memory_format=torch.contiguous_format)
+            side = grad_at_target * scale
+            grad_colors.index_add_(1, out_pixel, side)
+            grad_colors.index_add_(1, in_pixel, -side)
+        return grad_colors, None, None, None, grad_scale
 
 
 def _at(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -140,16 +162,16 @@ def _visible_side_edges(clip_verts, faces, topology, height, width):
     num_faces, num_edges = faces.shape[0], topology.edges.shape[0]
     device = clip_verts.device
     flat = clip_verts.reshape(batch * num_vertices, 4)
-    w = flat[:, 3]
-    in_front = (flat[:, 2] + w >= 0) & (w > 0)
-    safe_w = torch.where(in_front, w, torch.ones_like(w))
-    x = (flat[:, 0] / safe_w + 1) * (0.5 * width)
-    y = (1 - flat[:, 1] / safe_w) * (0.5 * height)
     with torch.no_grad():
-        z = flat[:, 2] / safe_w
+        flat_d = flat.detach()
+        w = flat_d[:, 3]
+        in_front = (flat_d[:, 2] + w >= 0) & (w > 0)
+        safe_w = torch.where(in_front, w, torch.ones_like(w))
+        xd = (flat_d[:, 0] / safe_w + 1) * (0.5 * width)
+        yd = (1 - flat_d[:, 1] / safe_w) * (0.5 * height)
+        z = flat_d[:, 2] / safe_w
         offset = (torch.arange(batch, device=device) * num_vertices)[:, None]
         corner = corner_indices(faces, batch, num_vertices)                             # [3, B*F]
-        xd, yd = x.detach(), y.detach()
         cx, cy = (_at(t, corner.reshape(-1)).view(3, -1) for t in (xd, yd))             # [corner, B*F]
         # screen y points down, so counter-clockwise in NDC is negative signed area here
         area = (cx[1] - cx[0]) * (cy[2] - cy[0]) - (cx[2] - cx[0]) * (cy[1] - cy[0])
@@ -159,7 +181,9 @@ def _visible_side_edges(clip_verts, faces, topology, height, width):
         front0 = front.index_select(1, face0)
         front1 = front.index_select(1, face1.clamp_min(0))
         silhouette = boundary[None] | (front0 != front1)                             # [B, E]
-        ends = (torch.stack(topology.edges.unbind(1))[:, None, :] + offset[None]).reshape(2, -1)  # [2, B*E]
+        ends = topology.edges.t()                                   # [2, E]: contiguous (column-major storage)
+        if batch > 1:
+            ends = (ends[:, None, :] + offset[None]).reshape(2, -1)  # [2, B*E]
         silhouette &= (_at(in_front, ends[0]) & _at(in_front, ends[1])).view(batch, num_edges)
         edge_batch, edge = torch.nonzero(silhouette, as_tuple=True)
         if edge.numel() == 0:
@@ -171,11 +195,16 @@ def _visible_side_edges(clip_verts, faces, topology, height, width):
         a, c, o = _at(topology.edges[:, 0], edge) + base, _at(topology.edges[:, 1], edge) + base, marker + base
         screen = torch.stack([_at(xd, a), _at(yd, a), _at(xd, c), _at(yd, c), _at(z, a), _at(z, c),
                               _at(xd, o), _at(yd, o)])
-    grad_screen = torch.stack([_at(x, a), _at(y, a), _at(x, c), _at(y, c)])
+    # only the endpoints carry gradients (both lie in front of the camera: w > 0)
+    ends_x, ends_y, ends_w = gather_columns(flat, torch.cat([a, c]), (0, 1, 3))
+    x = (ends_x / ends_w + 1) * (0.5 * width)
+    y = (1 - ends_y / ends_w) * (0.5 * height)
+    count = a.shape[0]
+    grad_screen = torch.stack([x[:count], y[:count], x[count:], y[count:]])
     return screen, grad_screen, edge_batch
 
 
-def _scanline_crossings(screen, grad_screen, edge_batch, height, width, covered, depth):
+def _scanline_crossings(screen, grad_screen, edge_batch, height, width, depth_keys, depth_dtype):
     """Crossings of silhouette edges with the pixel-centre scanlines of both directions.
 
     Every edge is listed twice: once against rows (u = x, v = y: lines y = row + 0.5, cells
@@ -228,7 +257,10 @@ def _scanline_crossings(screen, grad_screen, edge_batch, height, width, covered,
         in_pixel = line_base + torch.where(in_is_next, cell_c + 1, cell_c) * cell_stride_o
         out_pixel = line_base + torch.where(in_is_next, cell_c, cell_c + 1) * cell_stride_o
         z_edge = z_a + tau_det * (z_c - z_a)
-        visible = inside & _at(covered, in_pixel) & (~_at(covered, out_pixel) | (_at(depth, out_pixel) > z_edge))
+        in_key, out_key = _at(depth_keys, in_pixel), _at(depth_keys, out_pixel)
+        out_covered = out_key < COVERED_KEY_LIMIT
+        visible = inside & (in_key < COVERED_KEY_LIMIT) & (
+            ~out_covered | (decode_depth(out_key, depth_dtype) > z_edge))
         keep = torch.nonzero(visible).squeeze(1)
         if keep.numel() == 0:
             return None

@@ -25,7 +25,7 @@ _FACE_CACHE: dict[int, tuple] = {}
 _FACE_CACHE_SIZE = 8
 _EMPTY_KEY = torch.iinfo(torch.int64).max
 _LOW32 = 0xFFFFFFFF
-_FAR_KEY = (0x3F800000 + 1) << 32   # keys of depth01 <= 1.0 (float bits 0x3F800000) lie below
+COVERED_KEY_LIMIT = (0x3F800000 + 1) << 32   # keys of depth01 <= 1.0 (float bits 0x3F800000) lie below
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,8 @@ class Rasterization:
     triangles   int64 [P]     face index in [0, F) of the visible triangle
     bary        float [3, P]  perspective-correct barycentrics; differentiable in clip_verts
     depth       float [P]     NDC depth z/w of the visible surface (no gradient)
+    zbuffer     int64 [B*H*W] or None: the z-buffer `rasterize` resolved visibility with (see
+                `depth_keys`); kept so that per-pixel lookups need no dense arrays
     """
 
     resolution: tuple[int, int]
@@ -46,6 +48,17 @@ class Rasterization:
     triangles: torch.Tensor
     bary: torch.Tensor
     depth: torch.Tensor
+    zbuffer: torch.Tensor | None = None
+
+    def depth_keys(self) -> torch.Tensor:
+        """int64 [B*H*W]: per pixel, the float32 bits of (depth + 1) / 2 in the high 32 bits
+        (so keys order like depths), and a key of at least COVERED_KEY_LIMIT where no triangle
+        is visible. `decode_depth` turns keys back into depths."""
+        if self.zbuffer is not None:
+            return self.zbuffer
+        keys = torch.full((self.num_pixels,), _EMPTY_KEY, dtype=torch.int64, device=self.pixels.device)
+        depth01 = ((self.depth.float() + 1) * 0.5).clamp_min(0)
+        return keys.index_copy_(0, self.pixels, depth01.view(torch.int32).to(torch.int64) << 32)
 
     @property
     def num_pixels(self) -> int:
@@ -167,9 +180,9 @@ def rasterize(clip_verts: torch.Tensor, faces: torch.Tensor, resolution: int | t
     batch, num_vertices = clip_verts.shape[:2]
     with torch.no_grad():
         screen, tri_batch, tri_face = _screen_triangles(clip_verts.detach(), faces, height, width)
-        pixels, triangles, depth = _zbuffer(screen, tri_batch, tri_face, batch, height, width)
+        pixels, triangles, depth, zbuffer = _zbuffer(screen, tri_batch, tri_face, batch, height, width)
     bary = _barycentrics(clip_verts, faces, pixels, triangles, height, width)
-    return Rasterization((height, width), batch, pixels, triangles, bary, depth)
+    return Rasterization((height, width), batch, pixels, triangles, bary, depth, zbuffer)
 
 
 def _to_screen(clip: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -240,7 +253,7 @@ def _clip_near(tri: torch.Tensor, dist: torch.Tensor):
 
 
 def _zbuffer(screen, tri_batch, tri_face, batch, height, width):
-    """Scanline visibility over screen triangles [3, 3, N]. -> pixels [P], faces [P], depth [P]."""
+    """Scanline visibility over screen triangles [3, 3, N]. -> pixels [P], faces [P], depth [P], keys [B*H*W]."""
     sx, sy = screen[0], screen[1]
     area = (sx[1] - sx[0]) * (sy[2] - sy[0]) - (sx[2] - sx[0]) * (sy[1] - sy[0])
     # degenerate or off-screen triangles (and w <= 0 from exotic matrices) get no rows
@@ -248,10 +261,17 @@ def _zbuffer(screen, tri_batch, tri_face, batch, height, width):
     zbuf = torch.full((batch * height * width,), _EMPTY_KEY, dtype=torch.int64, device=screen.device)
     tris = None if bool(live.all()) else torch.nonzero(live).squeeze(1)
     span_tri = _draw(screen, tris, tri_batch, zbuf, height, width)
-    pixels = torch.nonzero(zbuf < _FAR_KEY).squeeze(1)
+    covered = zbuf < COVERED_KEY_LIMIT
+    pixels = torch.nonzero(covered).squeeze(1)
     won = zbuf.index_select(0, pixels)
-    depth = (won >> 32).to(torch.int32).view(torch.float32).to(screen.dtype) * 2 - 1
-    return pixels, tri_face.index_select(0, span_tri.index_select(0, won & _LOW32)), depth
+    triangles = tri_face.index_select(0, span_tri.index_select(0, won & _LOW32))
+    return pixels, triangles, decode_depth(won, screen.dtype), zbuf
+
+
+def decode_depth(keys: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """NDC depths of z-buffer keys (see `Rasterization.depth_keys`); meaningless for keys at or
+    above COVERED_KEY_LIMIT (no visible surface)."""
+    return (keys >> 32).to(torch.int32).view(torch.float32).to(dtype) * 2 - 1
 
 
 def _draw(screen, tris, tri_batch, zbuf, height, width):
@@ -273,11 +293,10 @@ def _draw(screen, tris, tri_batch, zbuf, height, width):
     gy = (ex1 * ez2 - ex2 * ez1) / area
     z_origin = sz[0] - gx * sx[0] - gy * sy[0]
 
-    (xt, xm, xb), (yt, ym, yb) = _sort_corners_by_y(sx, sy)
+    xs, ys = _sort_corners_by_y(sx, sy)                                       # [3 (t, m, b), n]
     # rows whose centre y = j + 0.5 lies in [yt, yb): the upper part [yt, ym) and lower part [ym, yb)
-    row_t, row_m, row_b = (torch.ceil(t - 0.5).clamp(0, height).to(torch.int64) for t in (yt, ym, yb))
-    rows_upper = (row_m - row_t).clamp_min(0)
-    rows_lower = (row_b - row_m).clamp_min(0)
+    rows = torch.ceil(ys - 0.5).clamp(0, height).to(torch.int64)
+    rows_per_half = (rows[1:] - rows[:2]).clamp_min(0)                           # [upper, lower]
 
     # Every edge is the line x = offset + y * slope, with both numbers computed from its upper
     # endpoint and slope in the same way in every triangle that shares it: neighbours agree bit
@@ -287,14 +306,15 @@ def _draw(screen, tris, tri_batch, zbuf, height, width):
         slope = (xc - xa) / (yc - ya)           # inf/nan only on horizontal edges, which own no rows
         return xa - ya * slope, slope
 
-    long_offset, long_slope = line(xt, yt, xb, yb)
-    short_offset, short_slope = (torch.cat(pair) for pair in zip(line(xt, yt, xm, ym), line(xm, ym, xb, yb)))
+    long_offset, long_slope = line(xs[0], ys[0], xs[2], ys[2])
+    # short edges of all upper halves (t->m), then of all lower halves (m->b): consecutive rows
+    short_offset, short_slope = line(xs[:2].reshape(-1), ys[:2].reshape(-1), xs[1:].reshape(-1), ys[1:].reshape(-1))
     # spans are listed triangle by triangle (upper half, then lower half);
     # `half` indexes the [upper halves, lower halves] arrays
-    span_half, row_offset = _expand(torch.stack([rows_upper, rows_lower], 1).view(-1))
+    span_half, row_offset = _expand(torch.stack(rows_per_half.unbind(0), 1).view(-1))
     span_tri = span_half >> 1
     half = span_tri + (span_half & 1) * num_tris
-    row = torch.cat([row_t, row_m]).index_select(0, half) + row_offset
+    row = rows[:2].reshape(-1).index_select(0, half) + row_offset
     y = row.to(dtype) + 0.5
 
     def at_tri(t):
@@ -321,7 +341,7 @@ def _draw(screen, tris, tri_batch, zbuf, height, width):
         raise ValueError(f"too many triangle rows to rasterize in one call ({span_half.shape[0]}); split the batch")
     frag_pixel = base_pixel.index_select(0, frag_span) + step
     frag_z = z_first.index_select(0, frag_span) + gx_s.index_select(0, frag_span) * step.to(dtype)
-    # Depths beyond the far plane (and NaN) map to keys above _FAR_KEY: positive floats order
+    # Depths beyond the far plane (and NaN) map to keys above COVERED_KEY_LIMIT: positive floats order
     # like their bit patterns, so no per-fragment select is needed.
     depth01 = ((frag_z.float() + 1) * 0.5).clamp_min(0)
     key = (depth01.view(torch.int32).to(torch.int64) << 32) | frag_span
@@ -330,20 +350,19 @@ def _draw(screen, tris, tri_batch, zbuf, height, width):
 
 
 def _sort_corners_by_y(sx: torch.Tensor, sy: torch.Tensor):
-    """Corners [3, N] reordered by y (ties by corner index). -> (x rows, y rows), top first.
+    """Corners [3, N] reordered by y (ties by corner index). -> x [3, N], y [3, N], top row first.
 
-    Ranks from three comparisons and one scatter: several times faster than sort along a
+    Ranks from three comparisons and a scatter: several times faster than sort along a
     leading axis of length three.
     """
     num = sx.shape[1]
     y0, y1, y2 = sy
     c01, c02, c12 = (y1 < y0).to(torch.int64), (y2 < y0).to(torch.int64), (y2 < y1).to(torch.int64)
-    rank = torch.stack([c01 + c02, 1 - c01 + c12, 2 - c02 - c12])                     # [3, N]
-    target = rank * num + torch.arange(num, device=sx.device)
-    target = torch.cat([target.view(-1), target.view(-1) + 3 * num])
-    out = torch.empty(6 * num, dtype=sx.dtype, device=sx.device)
-    out.index_copy_(0, target, torch.cat([sx.reshape(-1), sy.reshape(-1)]))
-    return out.view(2, 3, num).unbind(0)
+    target = torch.stack([c01 + c02, 1 - c01 + c12, 2 - c02 - c12]) * num + torch.arange(num, device=sx.device)
+    target = target.view(-1)
+    xs = sx.new_empty(3 * num).scatter_(0, target, sx.reshape(-1))
+    ys = sy.new_empty(3 * num).scatter_(0, target, sy.reshape(-1))
+    return xs.view(3, num), ys.view(3, num)
 
 
 def _expand(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -375,10 +394,39 @@ def _barycentrics(clip_verts, faces, pixels, triangles, height, width):
     # the corners' vertex indices per pixel, then 1-D gathers of x, y and w: gathering along
     # the second axis of a [9, F] table is several times slower, and so is its backward
     pixel_corner = pixel_corners(faces, triangles, pixels, height * width, batch, num_vertices).view(-1)
-    x, y, w = (flat[:, k].contiguous().index_select(0, pixel_corner).view(3, -1) for k in (0, 1, 3))
+    x, y, w = gather_columns(flat, pixel_corner, (0, 1, 3)).view(3, 3, -1)
     dx, dy = x - px * w, y - py * w
     e = cross_rows(dx, dy)                                                               # e_i = d_{i+1} x d_{i+2}
     return e / e.sum(0, keepdim=True)
+
+
+def gather_columns(table: torch.Tensor, index: torch.Tensor, columns: tuple[int, ...]) -> torch.Tensor:
+    """[len(columns), n]: row k is table[index, columns[k]] for a table [N, C]; differentiable in table.
+
+    Autograd of column views and index_select would fill a zero [N, C] gradient per column and
+    one more per view; this fills one and scatters each column into it.
+    """
+    return _GatherColumns.apply(table, index, columns)
+
+
+class _GatherColumns(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, table, index, columns):
+        ctx.save_for_backward(index)
+        ctx.columns, ctx.table_shape = columns, table.shape
+        out = table.new_empty(len(columns), index.shape[0])
+        for k, column in enumerate(columns):
+            torch.index_select(table[:, column].contiguous(), 0, index, out=out[k])
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        (index,) = ctx.saved_tensors
+        num_rows, num_columns = ctx.table_shape
+        grad_table = grad.new_zeros(num_columns, num_rows)                   # channel-first: rows are contiguous
+        for k, column in enumerate(ctx.columns):
+            grad_table[column].index_add_(0, index, grad[k])
+        return grad_table.t(), None, None
 
 
 def cross_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -2,6 +2,7 @@
 and inverse rendering that must recover the parameters of a synthetic morphable model."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -13,6 +14,7 @@ from sds_backend.procedural import uv_sphere
 from reference_render import reference_rasterize
 from sds_backend.bench_raster import silhouette_gradient_error
 from sds_backend.render import antialias, camera, interpolate, prepare_topology, rasterize, shading, texture
+from sds_backend.render.rasterize import COVERED_KEY_LIMIT
 
 
 def _compare_with_reference(clip: torch.Tensor, faces: torch.Tensor, height: int, width: int):
@@ -195,6 +197,23 @@ def test_silhouette_gradient_matches_own_forward():
     numeric = (loss(vertices + eps * direction) - loss(vertices - eps * direction)).item() / (2 * eps)
     assert analytic == pytest.approx(numeric, rel=1e-3)
     assert abs(analytic) > 1.0
+
+
+def test_antialias_same_with_or_without_the_kept_zbuffer():
+    # antialias looks visibility up in the z-buffer rasterize keeps; a Rasterization without
+    # one (built by hand) rebuilds it from pixels and depth, with the same result and gradients
+    clip, faces = _mesh_clip(17, 34)
+    clip = clip[None].float().requires_grad_(True)
+    rast = rasterize(clip, faces, 40)
+    rebuilt = dataclasses.replace(rast, zbuffer=None)
+    assert torch.equal(rebuilt.depth_keys() < COVERED_KEY_LIMIT, rast.depth_keys() < COVERED_KEY_LIMIT)
+    color = interpolate(torch.rand(clip.shape[1], 3, generator=torch.Generator().manual_seed(0)), rast, faces)
+    kept = antialias(color, rast, clip, faces)
+    other = antialias(color, rebuilt, clip, faces)
+    assert torch.equal(kept, other) and not torch.equal(kept, color)
+    (grad_kept,) = torch.autograd.grad(kept.square().sum(), clip, retain_graph=True)
+    (grad_other,) = torch.autograd.grad(other.square().sum(), clip)
+    assert torch.equal(grad_kept, grad_other)
 
 
 def test_antialias_without_silhouette_gradient_is_zero():
