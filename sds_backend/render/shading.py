@@ -12,7 +12,7 @@ import torch
 
 from .antialias import Topology, antialias, prepare_topology
 from .camera import Cameras
-from .interpolate import interpolate_pixels, sample_pixels, to_image
+from .interpolate import channel_rows, interpolate_pixels, interpolate_rows, sample_pixels, to_image
 from .rasterize import corner_indices, cross_rows, rasterize
 
 ShadingMode = Literal["lambert", "normal"]
@@ -30,17 +30,21 @@ class Render:
 def vertex_normals(vertices: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
     """Area-weighted unit vertex normals, float [B, V, 3] for vertices [B, V, 3]; differentiable."""
     batch, num_vertices = vertices.shape[:2]
-    faces = faces.to(torch.int64)
+    return vertex_normal_rows(vertices, faces).view(3, batch, num_vertices).permute(1, 2, 0)
+
+
+def vertex_normal_rows(vertices: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
+    """`vertex_normals` as channel-first rows, float [3, B*V]."""
+    batch, num_vertices = vertices.shape[:2]
     # channel-first 1-D gathers and scatters: much faster than row gathers of [.., 3] vectors
     corner = corner_indices(faces, batch, num_vertices)                         # [3, B*F]
-    table = vertices.permute(2, 0, 1).reshape(3, batch * num_vertices)          # [xyz, B*V]
+    table = channel_rows(vertices)                                              # [xyz, B*V]
     v0, v1, v2 = (table.index_select(1, corner[k]) for k in range(3))
     face_normals = cross_rows(v1 - v0, v2 - v0)                                 # length = 2 * area
     normals = table.new_zeros(3, batch * num_vertices)
     for k in range(3):
         normals = normals.index_add(1, corner[k], face_normals)
-    normals = normals * torch.rsqrt((normals * normals).sum(0, keepdim=True).clamp_min(1e-24))
-    return normals.view(3, batch, num_vertices).permute(1, 2, 0)
+    return normals * torch.rsqrt((normals * normals).sum(0, keepdim=True).clamp_min(1e-24))
 
 
 def render_mesh(vertices: torch.Tensor, faces: torch.Tensor, cams: Cameras, resolution: int | tuple[int, int],
@@ -102,8 +106,14 @@ def render_lambert(vertices: torch.Tensor, faces: torch.Tensor, cams: Cameras, r
 
 def _camera_normals(vertices, faces, cams, rast) -> torch.Tensor:
     """Unit normals of the covered pixels in camera space (x right, y up, z toward the viewer), [3, P]."""
+    batch, num_vertices = vertices.shape[:2]
     rotation = cams.world_to_view[:, :3, :3].to(device=vertices.device, dtype=vertices.dtype)
-    normals = interpolate_pixels(vertex_normals(vertices, faces) @ rotation.transpose(1, 2), rast, faces)
+    rows = vertex_normal_rows(vertices, faces)                                  # [3, B*V]
+    if batch == 1:
+        rows = rotation[0] @ rows
+    else:
+        rows = torch.einsum("bij,jbv->ibv", rotation, rows.view(3, batch, num_vertices)).reshape(3, -1)
+    normals = interpolate_rows(rows, rast, faces, batch, num_vertices)
     return normals * torch.rsqrt((normals * normals).sum(0, keepdim=True).clamp_min(1e-24))
 
 
