@@ -172,7 +172,8 @@ def rasterize(clip_verts: torch.Tensor, faces: torch.Tensor, resolution: int | t
 
     Triangles are clipped against the near plane (z >= -w), so parts behind the camera never
     show; fragments beyond the far plane (z > w) are dropped. Degenerate triangles cover no
-    pixel. Visibility (which triangle, depth) carries no gradient: moving a silhouette is
+    pixel. At exactly equal depths the face listed first wins (the parts of faces clipped at
+    the near plane count after all unclipped faces). Visibility (which triangle, depth) carries no gradient: moving a silhouette is
     `antialias`'s job.
     """
     check_mesh_inputs(clip_verts, faces)
