@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from .rasterize import (COVERED_KEY_LIMIT, Rasterization, _expand, check_mesh_inputs, corner_indices,
-                        decode_depth, gather_columns)
+                        decode_depth, gather_columns, pixel_xy)
 
 _BLEND_BAND = (0.4, 0.6)  # fraction |dv| / (|du| + |dv|) over which the two scan directions blend
 
@@ -167,8 +167,7 @@ def _visible_side_edges(clip_verts, faces, topology, height, width):
         w = flat_d[:, 3]
         in_front = (flat_d[:, 2] + w >= 0) & (w > 0)
         safe_w = torch.where(in_front, w, torch.ones_like(w))
-        xd = (flat_d[:, 0] / safe_w + 1) * (0.5 * width)
-        yd = (1 - flat_d[:, 1] / safe_w) * (0.5 * height)
+        xd, yd = pixel_xy(flat_d[:, 0], flat_d[:, 1], safe_w, height, width)
         z = flat_d[:, 2] / safe_w
         offset = (torch.arange(batch, device=device) * num_vertices)[:, None]
         corner = corner_indices(faces, batch, num_vertices)                             # [3, B*F]
@@ -197,8 +196,7 @@ def _visible_side_edges(clip_verts, faces, topology, height, width):
                               _at(xd, o), _at(yd, o)])
     # only the endpoints carry gradients (both lie in front of the camera: w > 0)
     ends_x, ends_y, ends_w = gather_columns(flat, torch.cat([a, c]), (0, 1, 3))
-    x = (ends_x / ends_w + 1) * (0.5 * width)
-    y = (1 - ends_y / ends_w) * (0.5 * height)
+    x, y = pixel_xy(ends_x, ends_y, ends_w, height, width)
     count = a.shape[0]
     grad_screen = torch.stack([x[:count], y[:count], x[count:], y[count:]])
     return screen, grad_screen, edge_batch

@@ -38,7 +38,7 @@ def interpolate_pixels(attr: torch.Tensor, rast: Rasterization, faces: torch.Ten
     Shading code works on these compact arrays and densifies once; arguments are checked by
     `interpolate`'s callers (attr [1 or B, V, C]).
     """
-    attr_batch, num_vertices, channels = attr.shape
+    attr_batch, num_vertices, _ = attr.shape
     return interpolate_rows(channel_rows(attr), rast, faces, attr_batch, num_vertices)
 
 

@@ -57,8 +57,7 @@ class Rasterization:
         if self.zbuffer is not None:
             return self.zbuffer
         keys = torch.full((self.num_pixels,), _EMPTY_KEY, dtype=torch.int64, device=self.pixels.device)
-        depth01 = ((self.depth.float() + 1) * 0.5).clamp_min(0)
-        return keys.index_copy_(0, self.pixels, depth01.view(torch.int32).to(torch.int64) << 32)
+        return keys.index_copy_(0, self.pixels, encode_depth(self.depth))
 
     @property
     def num_pixels(self) -> int:
@@ -173,8 +172,8 @@ def rasterize(clip_verts: torch.Tensor, faces: torch.Tensor, resolution: int | t
     Triangles are clipped against the near plane (z >= -w), so parts behind the camera never
     show; fragments beyond the far plane (z > w) are dropped. Degenerate triangles cover no
     pixel. At exactly equal depths the face listed first wins (the parts of faces clipped at
-    the near plane count after all unclipped faces). Visibility (which triangle, depth) carries no gradient: moving a silhouette is
-    `antialias`'s job.
+    the near plane count after all unclipped faces). Visibility (which triangle, depth)
+    carries no gradient: moving a silhouette is `antialias`'s job.
     """
     check_mesh_inputs(clip_verts, faces)
     height, width = _check_resolution(resolution)
@@ -186,10 +185,15 @@ def rasterize(clip_verts: torch.Tensor, faces: torch.Tensor, resolution: int | t
     return Rasterization((height, width), batch, pixels, triangles, bary, depth, zbuffer)
 
 
+def pixel_xy(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, height: int, width: int):
+    """Clip-space x, y, w -> pixel-unit x (right) and y (down), the image conventions above."""
+    return (x / w + 1) * (0.5 * width), (1 - y / w) * (0.5 * height)
+
+
 def _to_screen(clip: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """clip [..., 4] -> [3, ...]: pixel-unit x (right), pixel-unit y (down), NDC depth z/w."""
     x, y, z, w = clip.unbind(-1)
-    return torch.stack([(x / w + 1) * (0.5 * width), (1 - y / w) * (0.5 * height), z / w])
+    return torch.stack([*pixel_xy(x, y, w, height, width), z / w])
 
 
 def _screen_triangles(clip_verts: torch.Tensor, faces: torch.Tensor, height: int, width: int):
@@ -261,12 +265,19 @@ def _zbuffer(screen, tri_batch, tri_face, batch, height, width):
     live = (area != 0) & torch.isfinite(area) & (sx.amax(0) >= 0) & (sx.amin(0) <= width)
     zbuf = torch.full((batch * height * width,), _EMPTY_KEY, dtype=torch.int64, device=screen.device)
     tris = None if bool(live.all()) else torch.nonzero(live).squeeze(1)
-    span_tri = _draw(screen, tris, tri_batch, zbuf, height, width)
+    span_tri = _draw(screen, area, tris, tri_batch, zbuf, height, width)
     covered = zbuf < COVERED_KEY_LIMIT
     pixels = torch.nonzero(covered).squeeze(1)
     won = zbuf.index_select(0, pixels)
     triangles = tri_face.index_select(0, span_tri.index_select(0, won & _LOW32))
     return pixels, triangles, decode_depth(won, screen.dtype), zbuf
+
+
+def encode_depth(depth: torch.Tensor) -> torch.Tensor:
+    """NDC depths -> the high 32 bits of z-buffer keys: float32 bits of (depth + 1) / 2, which
+    order like the depths for every depth >= -1. Depths beyond the far plane (and NaN) give keys
+    at or above COVERED_KEY_LIMIT."""
+    return ((depth.float() + 1) * 0.5).clamp_min(0).view(torch.int32).to(torch.int64) << 32
 
 
 def decode_depth(keys: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -275,21 +286,21 @@ def decode_depth(keys: torch.Tensor, dtype: torch.dtype = torch.float32) -> torc
     return (keys >> 32).to(torch.int32).view(torch.float32).to(dtype) * 2 - 1
 
 
-def _draw(screen, tris, tri_batch, zbuf, height, width):
-    """Scanline-convert the triangles `tris` (None: all) of screen [3, 3, N] into zbuf (keys, amin).
+def _draw(screen, area, tris, tri_batch, zbuf, height, width):
+    """Scanline-convert the triangles `tris` (None: all) of screen [3, 3, N], with their signed
+    areas [N], into zbuf (keys, amin).
 
     Fragment keys order by depth, then by span index, which follows triangle order, so exact
     depth ties go to the earlier triangle. -> the screen triangle of each span [S].
     """
     dtype = screen.dtype
     if tris is not None:
-        screen = screen.index_select(2, tris)
+        screen, area = screen.index_select(2, tris), area.index_select(0, tris)
     sx, sy, sz = screen                                                      # each [3 corners, n]
     num_tris = sx.shape[1]
     # z/w is affine in screen space: z = z_origin + gx x + gy y
     ex1, ey1, ez1 = sx[1] - sx[0], sy[1] - sy[0], sz[1] - sz[0]
     ex2, ey2, ez2 = sx[2] - sx[0], sy[2] - sy[0], sz[2] - sz[0]
-    area = ex1 * ey2 - ex2 * ey1
     gx = (ez1 * ey2 - ez2 * ey1) / area
     gy = (ex1 * ez2 - ex2 * ez1) / area
     z_origin = sz[0] - gx * sx[0] - gy * sy[0]
@@ -342,10 +353,8 @@ def _draw(screen, tris, tri_batch, zbuf, height, width):
         raise ValueError(f"too many triangle rows to rasterize in one call ({span_half.shape[0]}); split the batch")
     frag_pixel = base_pixel.index_select(0, frag_span) + step
     frag_z = z_first.index_select(0, frag_span) + gx_s.index_select(0, frag_span) * step.to(dtype)
-    # Depths beyond the far plane (and NaN) map to keys above COVERED_KEY_LIMIT: positive floats order
-    # like their bit patterns, so no per-fragment select is needed.
-    depth01 = ((frag_z.float() + 1) * 0.5).clamp_min(0)
-    key = (depth01.view(torch.int32).to(torch.int64) << 32) | frag_span
+    # depths beyond the far plane get keys above COVERED_KEY_LIMIT: no per-fragment select needed
+    key = encode_depth(frag_z) | frag_span
     zbuf.scatter_reduce_(0, frag_pixel, key, reduce="amin", include_self=True)
     return span_tri
 

@@ -44,7 +44,12 @@ def vertex_normal_rows(vertices: torch.Tensor, faces: torch.Tensor) -> torch.Ten
     normals = table.new_zeros(3, batch * num_vertices)
     for k in range(3):
         normals = normals.index_add(1, corner[k], face_normals)
-    return normals * torch.rsqrt((normals * normals).sum(0, keepdim=True).clamp_min(1e-24))
+    return _unit_rows(normals)
+
+
+def _unit_rows(vectors: torch.Tensor) -> torch.Tensor:
+    """Channel-first vectors [3, N] scaled to unit length (zero vectors stay zero)."""
+    return vectors * torch.rsqrt((vectors * vectors).sum(0, keepdim=True).clamp_min(1e-24))
 
 
 def render_mesh(vertices: torch.Tensor, faces: torch.Tensor, cams: Cameras, resolution: int | tuple[int, int],
@@ -114,7 +119,7 @@ def _camera_normals(vertices, faces, cams, rast) -> torch.Tensor:
     else:
         rows = torch.einsum("bij,jbv->ibv", rotation, rows.view(3, batch, num_vertices)).reshape(3, -1)
     normals = interpolate_rows(rows, rast, faces, batch, num_vertices)
-    return normals * torch.rsqrt((normals * normals).sum(0, keepdim=True).clamp_min(1e-24))
+    return _unit_rows(normals)
 
 
 def _lambert(normals: torch.Tensor, light_dir: torch.Tensor | None, ambient: float, rast) -> torch.Tensor:
