@@ -440,7 +440,9 @@ class Fitter:
         loss.backward()
         timer.mark("optimizer")
         params = [state.weights] if stage == "shape" else state.texture_levels
-        if not all(bool(torch.isfinite(p.grad).all()) for p in params if p.grad is not None):
+        grads = [p.grad for p in params if p.grad is not None]
+        norm = _gradient_norm(grads)          # one reduction: tests finiteness and sizes the clip
+        if not math.isfinite(norm) and not all(bool(torch.isfinite(g).all()) for g in grads):
             # an fp16 overflow somewhere in the backward: this step carries no usable direction,
             # and one NaN would poison Adam's moments (and the weights) for good
             state.skipped_steps += 1
@@ -448,8 +450,8 @@ class Fitter:
             timer.mark(None)
             return float("nan"), float(t.float().mean()) / self.guidance.num_train_timesteps
         if stage == "shape":
-            if config.grad_clip:
-                torch.nn.utils.clip_grad_norm_([state.weights], config.grad_clip)
+            if config.grad_clip and norm > config.grad_clip:      # as clip_grad_norm_, without its extra pass
+                state.weights.grad.mul_(config.grad_clip / (norm + 1e-6))
             for group in optimizer.param_groups:
                 group["lr"] = config.lr * config.lr_decay ** progress
             optimizer.step()
@@ -484,6 +486,15 @@ class Fitter:
         return render.image.permute(0, 3, 1, 2), cams
 
 
+def _gradient_norm(grads: list[torch.Tensor]) -> float:
+    """Euclidean norm of all gradients together; NaN or inf when any entry is (or it overflows)."""
+    if not grads:
+        return 0.0
+    if len(grads) == 1:
+        return float(torch.linalg.vector_norm(grads[0]))
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+
+
 def _upsample(level: torch.Tensor, size: int) -> torch.Tensor:
     """[1, s, s, C] -> [1, size, size, C], bilinear (identity at full size)."""
     if level.shape[1] == size:
@@ -510,11 +521,14 @@ def check_prompt(prompt: Any, negative_prompt: Any = "") -> None:
 
 
 def _random_light(batch: int, generator: torch.Generator) -> torch.Tensor:
-    """Directions toward the light in camera space: in front, up to ~60 degrees off axis."""
-    azimuth = (torch.rand(batch, generator=generator) - 0.5) * math.radians(120)
-    elevation = (torch.rand(batch, generator=generator) - 0.3) * math.radians(90)
-    return torch.stack([torch.sin(azimuth) * torch.cos(elevation), torch.sin(elevation),
-                        torch.cos(azimuth) * torch.cos(elevation)], -1)
+    """Directions toward the light in camera space: in front, up to ~60 degrees off axis, [B, 3]."""
+    # scalar math on one draw: a dozen tensor ops on B numbers would cost more than the numbers
+    directions = []
+    for u, v in zip(*torch.rand(2, batch, generator=generator).tolist()):
+        azimuth, elevation = (u - 0.5) * math.radians(120), (v - 0.3) * math.radians(90)
+        directions.append([math.sin(azimuth) * math.cos(elevation), math.sin(elevation),
+                           math.cos(azimuth) * math.cos(elevation)])
+    return torch.tensor(directions)
 
 
 def _background(kind: Background, generator: torch.Generator) -> float:

@@ -277,6 +277,24 @@ def test_camera_conventions():
     assert (up[0, 0, 1] / up[0, 0, 3]).item() > 0
 
 
+def test_orbit_cameras_equal_look_at_from_their_eyes():
+    generator = torch.Generator().manual_seed(0)
+    yaw = torch.rand(64, generator=generator) * 720 - 360
+    pitch = torch.cat([torch.rand(48, generator=generator) * 178 - 89, torch.rand(16, generator=generator) * 80 + 95])
+    distance = torch.rand(64, generator=generator) * 3 + 1
+    target = torch.tensor([0.1, -0.2, 0.3])
+    cams = camera.orbit_cameras(yaw, pitch, distance, target)
+    yaw_r, pitch_r = torch.deg2rad(yaw.double()), torch.deg2rad(pitch.double())
+    offset = torch.stack([pitch_r.cos() * yaw_r.sin(), pitch_r.sin(), pitch_r.cos() * yaw_r.cos()], -1)
+    eye = target.double() + distance.double()[:, None] * offset
+    expected = camera.look_at(eye, target.double()).float()
+    assert torch.allclose(cams.world_to_view, expected, atol=2e-6)
+    # the sampler draws zoom, yaw and pitch from one stream, in ranges
+    sampled = camera.OrbitSampler((-30.0, 10.0), (5.0, 15.0)).sample(200, 1.0, target, generator)
+    assert -30 <= float(sampled.yaw_deg.min()) and float(sampled.yaw_deg.max()) <= 10
+    assert 5 <= float(sampled.pitch_deg.min()) and float(sampled.pitch_deg.max()) <= 15
+
+
 def test_vertex_normals_of_sphere_point_outward():
     vertices, faces = uv_sphere(12, 24)
     normals = shading.vertex_normals(vertices[None], faces)[0]
