@@ -104,7 +104,7 @@ def antialias(color: torch.Tensor, rast: Rasterization, clip_verts: torch.Tensor
         raise ValueError(f"topology was built for {topology.num_faces} faces, got {faces.shape[0]}")
     channels = color.shape[-1]
     colors = color.permute(3, 0, 1, 2).reshape(channels, -1)                     # [C, B*H*W]
-    edges = _visible_side_edges(clip_verts, faces, topology, height, width)
+    edges = _visible_side_edges(clip_verts, faces, topology, height, width, rast.geometry)
     if edges is None:
         return color
     screen, grad_screen, batch_of_edge = edges
@@ -151,7 +151,7 @@ def _at(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return values.index_select(0, index)
 
 
-def _visible_side_edges(clip_verts, faces, topology, height, width):
+def _visible_side_edges(clip_verts, faces, topology, height, width, geometry=None):
     """Silhouette edges of every batch item in screen space.
 
     -> screen (no grad) [8, M]: x_a, y_a, x_c, y_c of the endpoints, their NDC depths z_a, z_c,
@@ -165,15 +165,19 @@ def _visible_side_edges(clip_verts, faces, topology, height, width):
     with torch.no_grad():
         flat_d = flat.detach()
         w = flat_d[:, 3]
-        in_front = (flat_d[:, 2] + w >= 0) & (w > 0)
-        safe_w = torch.where(in_front, w, torch.ones_like(w))
-        xd, yd = pixel_xy(flat_d[:, 0], flat_d[:, 1], safe_w, height, width)
-        z = flat_d[:, 2] / safe_w
-        offset = (torch.arange(batch, device=device) * num_vertices)[:, None]
-        corner = corner_indices(faces, batch, num_vertices)                             # [3, B*F]
-        cx, cy = (_at(t, corner.reshape(-1)).view(3, -1) for t in (xd, yd))             # [corner, B*F]
+        if geometry is not None:            # rasterize's projection: every vertex in front of the near plane
+            xd, yd, z = geometry.vertices
+            in_front = w > 0
+            area = geometry.face_area
+        else:
+            in_front = (flat_d[:, 2] + w >= 0) & (w > 0)
+            safe_w = torch.where(in_front, w, torch.ones_like(w))
+            xd, yd = pixel_xy(flat_d[:, 0], flat_d[:, 1], safe_w, height, width)
+            z = flat_d[:, 2] / safe_w
+            corner = corner_indices(faces, batch, num_vertices)                         # [3, B*F]
+            cx, cy = (_at(t, corner.reshape(-1)).view(3, -1) for t in (xd, yd))         # [corner, B*F]
+            area = (cx[1] - cx[0]) * (cy[2] - cy[0]) - (cx[2] - cx[0]) * (cy[1] - cy[0])
         # screen y points down, so counter-clockwise in NDC is negative signed area here
-        area = (cx[1] - cx[0]) * (cy[2] - cy[0]) - (cx[2] - cx[0]) * (cy[1] - cy[0])
         front = (area < 0).view(batch, num_faces)
         face0, face1 = topology.faces[:, 0], topology.faces[:, 1]
         boundary = face1 < 0
@@ -182,7 +186,8 @@ def _visible_side_edges(clip_verts, faces, topology, height, width):
         silhouette = boundary[None] | (front0 != front1)                             # [B, E]
         ends = topology.edges.t()                                   # [2, E]: contiguous (column-major storage)
         if batch > 1:
-            ends = (ends[:, None, :] + offset[None]).reshape(2, -1)  # [2, B*E]
+            offset = torch.arange(batch, device=device) * num_vertices
+            ends = (ends[:, None, :] + offset[None, :, None]).reshape(2, -1)  # [2, B*E]
         silhouette &= (_at(in_front, ends[0]) & _at(in_front, ends[1])).view(batch, num_edges)
         edge_batch, edge = torch.nonzero(silhouette, as_tuple=True)
         if edge.numel() == 0:

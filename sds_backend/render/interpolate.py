@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .rasterize import Rasterization, pixel_corners
+from .rasterize import Rasterization
 
 _TEXTURE_FILTERS = ("bilinear", "nearest")
 
@@ -54,13 +54,40 @@ def channel_rows(values: torch.Tensor) -> torch.Tensor:
 def interpolate_rows(table: torch.Tensor, rast: Rasterization, faces: torch.Tensor, attr_batch: int,
                      num_vertices: int) -> torch.Tensor:
     """`interpolate_pixels` from channel-first vertex attributes table [C, attr_batch * V] -> [C, P]."""
-    height, width = rast.resolution
-    corner = pixel_corners(faces, rast.triangles, rast.pixels, height * width, attr_batch, num_vertices)  # [3, P]
-    bary = rast.bary.to(table.dtype)
-    # one corner at a time keeps every intermediate at [C, P] (forward and backward)
-    values = table.index_select(1, corner[0]) * bary[0]
-    values = torch.addcmul(values, table.index_select(1, corner[1]), bary[1])
-    return torch.addcmul(values, table.index_select(1, corner[2]), bary[2])
+    corner = rast.corner_vertices(faces, attr_batch, num_vertices)                      # [3, P]
+    return _Interpolate.apply(table, corner, rast.bary.to(table.dtype))
+
+
+class _Interpolate(torch.autograd.Function):
+    """sum_k table[:, corner[k]] * bary[k], [C, P], with gradients for the table and the bary.
+
+    Written out because autograd of three gathers, products and the bary rows it selects
+    builds a dozen nodes, each filling a zero buffer of its input's size; this backward fills
+    one per input.
+    """
+
+    @staticmethod
+    def forward(ctx, table, corner, bary):
+        gathered = table.new_empty(3, *table.shape[:-1], corner.shape[1])               # [3, C, P]
+        for k in range(3):
+            torch.index_select(table, 1, corner[k], out=gathered[k])
+        ctx.save_for_backward(corner, bary, gathered)
+        ctx.num_rows = table.shape[1]
+        values = gathered[0] * bary[0]
+        values = torch.addcmul(values, gathered[1], bary[1])
+        return torch.addcmul(values, gathered[2], bary[2])
+
+    @staticmethod
+    def backward(ctx, grad):
+        corner, bary, gathered = ctx.saved_tensors
+        grad_table = grad_bary = None
+        if ctx.needs_input_grad[0]:
+            grad_table = grad.new_zeros(grad.shape[0], ctx.num_rows)
+            for k in range(3):
+                grad_table.index_add_(1, corner[k], grad * bary[k])
+        if ctx.needs_input_grad[2]:
+            grad_bary = (gathered * grad).sum(1)
+        return grad_table, None, grad_bary
 
 
 def texture(tex: torch.Tensor, uv: torch.Tensor, filter: str = "bilinear") -> torch.Tensor:

@@ -16,8 +16,9 @@ Conventions (shared by every primitive in this package):
 """
 from __future__ import annotations
 
+import math
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -40,6 +41,11 @@ class Rasterization:
     depth       float [P]     NDC depth z/w of the visible surface (no gradient)
     zbuffer     int64 [B*H*W] or None: the z-buffer `rasterize` resolved visibility with (see
                 `depth_keys`); kept so that per-pixel lookups need no dense arrays
+    corners     int64 [3, P] or None: the visible triangles' corner vertices (`pixel_corners`
+                of the rasterized faces), kept for interpolating over the same faces; see
+                `corner_vertices`
+    geometry    ScreenGeometry or None: the projection `rasterize` made, kept for `antialias`
+                (None when faces were clipped at the near plane)
     """
 
     resolution: tuple[int, int]
@@ -49,6 +55,21 @@ class Rasterization:
     bary: torch.Tensor
     depth: torch.Tensor
     zbuffer: torch.Tensor | None = None
+    corners: torch.Tensor | None = None
+    corners_key: tuple | None = field(default=None, repr=False)   # (faces, its _version, batch, V)
+    geometry: "ScreenGeometry | None" = None
+
+    def corner_vertices(self, faces: torch.Tensor, attr_batch: int, num_vertices: int) -> torch.Tensor:
+        """int64 [3, P]: `pixel_corners` of `faces` for attributes [attr_batch, num_vertices, C].
+
+        The corners `rasterize` already gathered when `faces` is the very array it rasterized,
+        unchanged since, and the attributes are laid out like its vertices; else gathered anew.
+        """
+        key = self.corners_key
+        if key is not None and key[0] is faces and key[1:] == (faces._version, attr_batch, num_vertices):
+            return self.corners
+        return pixel_corners(faces, self.triangles, self.pixels, self.resolution[0] * self.resolution[1],
+                             attr_batch, num_vertices)
 
     def depth_keys(self) -> torch.Tensor:
         """int64 [B*H*W]: per pixel, the float32 bits of (depth + 1) / 2 in the high 32 bits
@@ -87,6 +108,20 @@ class Rasterization:
         return dense.t().reshape(self.batch, *self.resolution, 3)
 
 
+@dataclass(frozen=True)
+class ScreenGeometry:
+    """Screen-space values `rasterize` computed for every vertex and face (no gradient).
+
+    vertices   float [3, B*V]  pixel x, pixel y and NDC depth z/w of each vertex (meaningless
+                               where w <= 0)
+    face_area  float [B*F]     twice the signed pixel-space area of each face; negative for
+                               faces counter-clockwise in NDC (front-facing)
+    """
+
+    vertices: torch.Tensor
+    face_area: torch.Tensor
+
+
 def check_mesh_inputs(clip_verts: torch.Tensor, faces: torch.Tensor) -> None:
     """Shared argument checks for primitives that take clip-space vertices and faces."""
     if not isinstance(clip_verts, torch.Tensor) or not clip_verts.is_floating_point():
@@ -104,8 +139,8 @@ def check_mesh_inputs(clip_verts: torch.Tensor, faces: torch.Tensor) -> None:
     _, low, high = _face_tables(faces)
     if faces.numel() and (low < 0 or high >= num_vertices):
         raise ValueError(f"faces: indices must lie in [0, {num_vertices}), got range [{low}, {high}]")
-    # amax propagates NaN and keeps inf: one reduction instead of an elementwise mask
-    if clip_verts.numel() and not bool(torch.isfinite(clip_verts.abs().amax())):
+    # amax propagates NaN and keeps inf, and NaN < inf is false: one reduction and one compare
+    if clip_verts.numel() and not bool(clip_verts.detach().abs().amax() < math.inf):
         raise ValueError("clip_verts contains NaN or inf")
 
 
@@ -179,10 +214,14 @@ def rasterize(clip_verts: torch.Tensor, faces: torch.Tensor, resolution: int | t
     height, width = _check_resolution(resolution)
     batch, num_vertices = clip_verts.shape[:2]
     with torch.no_grad():
-        screen, tri_batch, tri_face = _screen_triangles(clip_verts.detach(), faces, height, width)
-        pixels, triangles, depth, zbuffer = _zbuffer(screen, tri_batch, tri_face, batch, height, width)
-    bary = _barycentrics(clip_verts, faces, pixels, triangles, height, width)
-    return Rasterization((height, width), batch, pixels, triangles, bary, depth, zbuffer)
+        screen, tri_batch, tri_face, vertex_screen = _screen_triangles(clip_verts.detach(), faces, height, width)
+        pixels, triangles, depth, zbuffer, area = _zbuffer(screen, tri_batch, tri_face, batch, height, width)
+    corners = pixel_corners(faces, triangles, pixels, height * width, batch, num_vertices)
+    bary = _barycentrics(clip_verts, corners, pixels, height, width)
+    # screen triangles are the faces, in order, unless some were clipped at the near plane
+    geometry = ScreenGeometry(vertex_screen, area) if vertex_screen is not None else None
+    return Rasterization((height, width), batch, pixels, triangles, bary, depth, zbuffer, corners,
+                         (faces, faces._version, batch, num_vertices), geometry)
 
 
 def pixel_xy(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, height: int, width: int):
@@ -199,7 +238,8 @@ def _to_screen(clip: torch.Tensor, height: int, width: int) -> torch.Tensor:
 def _screen_triangles(clip_verts: torch.Tensor, faces: torch.Tensor, height: int, width: int):
     """Screen-space corners of all triangles in front of the near plane (z >= -w).
 
-    -> screen [3 (x, y, z), 3 (corner), N], batch [N], face [N].
+    -> screen [3 (x, y, z), 3 (corner), N], batch [N], face [N], and the projected vertices
+    [3, B*V] when no face needed clipping (screen triangle n is then face n), else None.
     Vertices are projected once and shared, so triangles that share an edge see identical
     corner coordinates. Triangles crossing the near plane are clipped into new triangles.
     """
@@ -218,10 +258,10 @@ def _screen_triangles(clip_verts: torch.Tensor, faces: torch.Tensor, height: int
         torch.index_select(vertex_screen[k], 0, corner.view(-1), out=screen[k])
     screen = screen.view(3, 3, -1)                           # [3, 3, B*F]
     if bool((near_dist >= 0).all()):
-        return screen, tri_batch, tri_face
+        return screen, tri_batch, tri_face, vertex_screen
     num_behind = (near_dist.index_select(0, corner.reshape(-1)).view(3, -1) < 0).sum(0)
     if bool((num_behind == 0).all()):
-        return screen, tri_batch, tri_face
+        return screen, tri_batch, tri_face, vertex_screen
     keep = torch.nonzero(num_behind == 0).squeeze(1)
     crossing = torch.nonzero((num_behind == 1) | (num_behind == 2)).squeeze(1)
     tri_clip = flat[corner[:, crossing].t()]                 # [M, 3, 4]
@@ -229,7 +269,7 @@ def _screen_triangles(clip_verts: torch.Tensor, faces: torch.Tensor, height: int
     parent = crossing[parent]
     clipped_screen = _to_screen(clipped, height, width).permute(0, 2, 1)          # [3, 3, M']
     return (torch.cat([screen[:, :, keep], clipped_screen], 2),
-            torch.cat([tri_batch[keep], tri_batch[parent]]), torch.cat([tri_face[keep], tri_face[parent]]))
+            torch.cat([tri_batch[keep], tri_batch[parent]]), torch.cat([tri_face[keep], tri_face[parent]]), None)
 
 
 def _clip_near(tri: torch.Tensor, dist: torch.Tensor):
@@ -258,7 +298,10 @@ def _clip_near(tri: torch.Tensor, dist: torch.Tensor):
 
 
 def _zbuffer(screen, tri_batch, tri_face, batch, height, width):
-    """Scanline visibility over screen triangles [3, 3, N]. -> pixels [P], faces [P], depth [P], keys [B*H*W]."""
+    """Scanline visibility over screen triangles [3, 3, N].
+
+    -> pixels [P], faces [P], depth [P], keys [B*H*W], signed areas of the triangles [N].
+    """
     sx, sy = screen[0], screen[1]
     area = (sx[1] - sx[0]) * (sy[2] - sy[0]) - (sx[2] - sx[0]) * (sy[1] - sy[0])
     # degenerate or off-screen triangles (and w <= 0 from exotic matrices) get no rows
@@ -270,7 +313,7 @@ def _zbuffer(screen, tri_batch, tri_face, batch, height, width):
     pixels = torch.nonzero(covered).squeeze(1)
     won = zbuf.index_select(0, pixels)
     triangles = tri_face.index_select(0, span_tri.index_select(0, won & _LOW32))
-    return pixels, triangles, decode_depth(won, screen.dtype), zbuf
+    return pixels, triangles, decode_depth(won, screen.dtype), zbuf, area
 
 
 def encode_depth(depth: torch.Tensor) -> torch.Tensor:
@@ -382,7 +425,7 @@ def _expand(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return owner, torch.arange(owner.shape[0], device=counts.device) - first.index_select(0, owner)
 
 
-def _barycentrics(clip_verts, faces, pixels, triangles, height, width):
+def _barycentrics(clip_verts, corners, pixels, height, width):
     """Perspective-correct barycentrics of the covered pixels, differentiable in clip_verts.
 
     With homogeneous 2D vertices v_i = (x_i, y_i, w_i) and the pixel p = (px, py, 1) in NDC,
@@ -399,12 +442,11 @@ def _barycentrics(clip_verts, faces, pixels, triangles, height, width):
         return clip_verts.new_zeros(3, 0) + 0 * clip_verts.sum()  # stays in the graph: backward still works
     flat = clip_verts.reshape(batch * num_vertices, 4)
     rem = pixels % (height * width) if batch > 1 else pixels
-    px = ((rem % width).to(clip_verts.dtype) * 2 + 1) / width - 1                       # NDC x
-    py = 1 - ((rem // width).to(clip_verts.dtype) * 2 + 1) / height                     # NDC y
-    # the corners' vertex indices per pixel, then 1-D gathers of x, y and w: gathering along
-    # the second axis of a [9, F] table is several times slower, and so is its backward
-    pixel_corner = pixel_corners(faces, triangles, pixels, height * width, batch, num_vertices).view(-1)
-    x, y, w = gather_columns(flat, pixel_corner, (0, 1, 3)).view(3, 3, -1)
+    px = (rem % width).to(clip_verts.dtype).mul_(2 / width).add_(1 / width - 1)          # NDC x of the centre
+    py = (rem // width).to(clip_verts.dtype).mul_(-2 / height).add_(1 - 1 / height)      # NDC y
+    # 1-D gathers of x, y and w at the corners' vertex indices [3, P]: gathering along the
+    # second axis of a [9, F] table is several times slower, and so is its backward
+    x, y, w = gather_columns(flat, corners.view(-1), (0, 1, 3)).view(3, 3, -1)
     dx, dy = x - px * w, y - py * w
     e = cross_rows(dx, dy)                                                               # e_i = d_{i+1} x d_{i+2}
     return e / e.sum(0, keepdim=True)

@@ -199,21 +199,29 @@ def test_silhouette_gradient_matches_own_forward():
     assert abs(analytic) > 1.0
 
 
-def test_antialias_same_with_or_without_the_kept_zbuffer():
-    # antialias looks visibility up in the z-buffer rasterize keeps; a Rasterization without
-    # one (built by hand) rebuilds it from pixels and depth, with the same result and gradients
+def test_primitives_same_with_or_without_what_rasterize_keeps():
+    # antialias looks visibility up in the z-buffer rasterize keeps and reuses its projection,
+    # interpolate its corner gathers; a Rasterization without them (built by hand) recomputes
+    # them, with the same results and gradients
     clip, faces = _mesh_clip(17, 34)
     clip = clip[None].float().requires_grad_(True)
     rast = rasterize(clip, faces, 40)
-    rebuilt = dataclasses.replace(rast, zbuffer=None)
+    assert rast.geometry is not None and rast.corners is not None
+    rebuilt = dataclasses.replace(rast, zbuffer=None, geometry=None, corners=None, corners_key=None)
     assert torch.equal(rebuilt.depth_keys() < COVERED_KEY_LIMIT, rast.depth_keys() < COVERED_KEY_LIMIT)
-    color = interpolate(torch.rand(clip.shape[1], 3, generator=torch.Generator().manual_seed(0)), rast, faces)
+    attr = torch.rand(clip.shape[1], 3, generator=torch.Generator().manual_seed(0))
+    color, color_rebuilt = interpolate(attr, rast, faces), interpolate(attr, rebuilt, faces)
+    assert torch.equal(color, color_rebuilt)
     kept = antialias(color, rast, clip, faces)
-    other = antialias(color, rebuilt, clip, faces)
+    other = antialias(color_rebuilt, rebuilt, clip, faces)
     assert torch.equal(kept, other) and not torch.equal(kept, color)
     (grad_kept,) = torch.autograd.grad(kept.square().sum(), clip, retain_graph=True)
     (grad_other,) = torch.autograd.grad(other.square().sum(), clip)
     assert torch.equal(grad_kept, grad_other)
+    # the kept corners are not used for another face array of the same shape
+    shuffled = faces[torch.randperm(faces.shape[0], generator=torch.Generator().manual_seed(1))]
+    assert torch.equal(rast.corner_vertices(shuffled, 1, clip.shape[1]),
+                       rebuilt.corner_vertices(shuffled, 1, clip.shape[1]))
 
 
 def test_antialias_without_silhouette_gradient_is_zero():
