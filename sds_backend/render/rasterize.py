@@ -444,12 +444,40 @@ def _barycentrics(clip_verts, corners, pixels, height, width):
     rem = pixels % (height * width) if batch > 1 else pixels
     px = (rem % width).to(clip_verts.dtype).mul_(2 / width).add_(1 / width - 1)          # NDC x of the centre
     py = (rem // width).to(clip_verts.dtype).mul_(-2 / height).add_(1 - 1 / height)      # NDC y
-    # 1-D gathers of x, y and w at the corners' vertex indices [3, P]: gathering along the
-    # second axis of a [9, F] table is several times slower, and so is its backward
-    x, y, w = gather_columns(flat, corners.view(-1), (0, 1, 3)).view(3, 3, -1)
-    dx, dy = x - px * w, y - py * w
-    e = cross_rows(dx, dy)                                                               # e_i = d_{i+1} x d_{i+2}
-    return e / e.sum(0, keepdim=True)
+    return _Barycentrics.apply(flat, corners, px, py)
+
+
+class _Barycentrics(torch.autograd.Function):
+    """l = e / sum(e), e_i = d_{i+1} x d_{i+2}, d = (x - px w, y - py w) at the corners [3, P].
+
+    One autograd node with the backward written out (a dozen nodes otherwise). The corners
+    are gathered with 1-D gathers of x, y and w: gathering along the second axis of a [9, F]
+    table is several times slower, and so is its backward.
+    """
+
+    @staticmethod
+    def forward(ctx, flat, corners, px, py):
+        x, y, w = gather_columns(flat, corners.view(-1), (0, 1, 3)).view(3, 3, -1)
+        dx, dy = x - px * w, y - py * w
+        e = cross_rows(dx, dy)
+        total = e.sum(0, keepdim=True)
+        bary = e / total
+        ctx.save_for_backward(corners, px, py, dx, dy, bary, total)
+        ctx.num_vertices = flat.shape[0]
+        return bary
+
+    @staticmethod
+    def backward(ctx, grad):
+        corners, px, py, dx, dy, bary, total = ctx.saved_tensors
+        grad_e = (grad - (grad * bary).sum(0, keepdim=True)) / total
+        # e = dx x dy: de = ddx x dy + dx x ddy, so g_dx = dy x g_e and g_dy = g_e x dx
+        grad_dx, grad_dy = cross_rows(dy, grad_e), cross_rows(grad_e, dx)
+        grad_w = -(grad_dx * px + grad_dy * py)
+        grad_flat = grad.new_zeros(4, ctx.num_vertices)           # channel-first: rows are contiguous
+        index = corners.view(-1)
+        for column, value in ((0, grad_dx), (1, grad_dy), (3, grad_w)):
+            grad_flat[column].index_add_(0, index, value.view(-1))
+        return grad_flat.t(), None, None, None
 
 
 def gather_columns(table: torch.Tensor, index: torch.Tensor, columns: tuple[int, ...]) -> torch.Tensor:

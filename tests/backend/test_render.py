@@ -307,6 +307,11 @@ def test_vertex_normals_of_sphere_point_outward():
     vertices, faces = uv_sphere(12, 24)
     normals = shading.vertex_normals(vertices[None], faces)[0]
     assert torch.allclose(normals, vertices, atol=0.05)
+    # the written-out backward against finite differences, on a bumpy batch of two
+    bumpy = vertices.double() * (1 + 0.2 * torch.rand(2, vertices.shape[0], 1, dtype=torch.float64,
+                                                       generator=torch.Generator().manual_seed(0)))
+    assert torch.autograd.gradcheck(lambda v: shading.vertex_normals(v, faces), (bumpy.requires_grad_(),),
+                                    eps=1e-6, atol=1e-6, rtol=1e-4)
 
 
 def _synthetic_model(num_components: int = 20):
