@@ -165,7 +165,7 @@ def _visible_side_edges(clip_verts, faces, topology, height, width, geometry=Non
     with torch.no_grad():
         flat_d = flat.detach()
         w = flat_d[:, 3]
-        if geometry is not None:            # rasterize's projection: every vertex in front of the near plane
+        if geometry is not None:            # rasterize's projection; no face reaches behind the near plane
             xd, yd, z = geometry.vertices
             in_front = w > 0
             area = geometry.face_area
