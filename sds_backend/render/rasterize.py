@@ -56,7 +56,7 @@ class Rasterization:
     depth: torch.Tensor
     zbuffer: torch.Tensor | None = None
     corners: torch.Tensor | None = None
-    corners_key: tuple | None = field(default=None, repr=False)   # (faces, its _version, batch, V)
+    corners_key: tuple | None = field(default=None, repr=False)   # (faces, its _version, V)
     geometry: "ScreenGeometry | None" = None
 
     def corner_vertices(self, faces: torch.Tensor, attr_batch: int, num_vertices: int) -> torch.Tensor:
@@ -66,7 +66,8 @@ class Rasterization:
         unchanged since, and the attributes are laid out like its vertices; else gathered anew.
         """
         key = self.corners_key
-        if key is not None and key[0] is faces and key[1:] == (faces._version, attr_batch, num_vertices):
+        if (key is not None and key[0] is faces and key[1:] == (faces._version, num_vertices)
+                and attr_batch == self.batch):
             return self.corners
         return pixel_corners(faces, self.triangles, self.pixels, self.resolution[0] * self.resolution[1],
                              attr_batch, num_vertices)
@@ -221,7 +222,7 @@ def rasterize(clip_verts: torch.Tensor, faces: torch.Tensor, resolution: int | t
     # screen triangles are the faces, in order, unless some were clipped at the near plane
     geometry = ScreenGeometry(vertex_screen, area) if vertex_screen is not None else None
     return Rasterization((height, width), batch, pixels, triangles, bary, depth, zbuffer, corners,
-                         (faces, faces._version, batch, num_vertices), geometry)
+                         (faces, faces._version, num_vertices), geometry)
 
 
 def pixel_xy(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, height: int, width: int):
@@ -463,7 +464,7 @@ class _Barycentrics(torch.autograd.Function):
         total = e.sum(0, keepdim=True)
         bary = e / total
         ctx.save_for_backward(corners, px, py, dx, dy, bary, total)
-        ctx.num_vertices = flat.shape[0]
+        ctx.table_shape = flat.shape
         return bary
 
     @staticmethod
@@ -473,11 +474,8 @@ class _Barycentrics(torch.autograd.Function):
         # e = dx x dy: de = ddx x dy + dx x ddy, so g_dx = dy x g_e and g_dy = g_e x dx
         grad_dx, grad_dy = cross_rows(dy, grad_e), cross_rows(grad_e, dx)
         grad_w = -(grad_dx * px + grad_dy * py)
-        grad_flat = grad.new_zeros(4, ctx.num_vertices)           # channel-first: rows are contiguous
-        index = corners.view(-1)
-        for column, value in ((0, grad_dx), (1, grad_dy), (3, grad_w)):
-            grad_flat[column].index_add_(0, index, value.view(-1))
-        return grad_flat.t(), None, None, None
+        rows = (grad_dx.view(-1), grad_dy.view(-1), grad_w.view(-1))
+        return _scatter_columns(rows, corners.view(-1), (0, 1, 3), ctx.table_shape), None, None, None
 
 
 def gather_columns(table: torch.Tensor, index: torch.Tensor, columns: tuple[int, ...]) -> torch.Tensor:
@@ -502,11 +500,16 @@ class _GatherColumns(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (index,) = ctx.saved_tensors
-        num_rows, num_columns = ctx.table_shape
-        grad_table = grad.new_zeros(num_columns, num_rows)                   # channel-first: rows are contiguous
-        for k, column in enumerate(ctx.columns):
-            grad_table[column].index_add_(0, index, grad[k])
-        return grad_table.t(), None, None
+        return _scatter_columns(grad, index, ctx.columns, ctx.table_shape), None, None
+
+
+def _scatter_columns(rows, index: torch.Tensor, columns: tuple[int, ...], table_shape) -> torch.Tensor:
+    """The adjoint of `gather_columns`: a zero table [N, C] with rows[k] added at [index, columns[k]]."""
+    num_rows, num_columns = table_shape
+    table = rows[0].new_zeros(num_columns, num_rows)                          # channel-first: rows are contiguous
+    for row, column in zip(rows, columns):
+        table[column].index_add_(0, index, row)
+    return table.t()
 
 
 def cross_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -56,7 +56,7 @@ class _VertexNormals(torch.autograd.Function):
         face_normals = cross_rows(edge1, edge2)                                 # length = 2 * area
         for k in range(3):
             summed.index_add_(1, corner[k], face_normals)
-        inverse_length = torch.rsqrt((summed * summed).sum(0, keepdim=True).clamp_min(1e-24))
+        inverse_length = _inverse_lengths(summed)
         normals = summed * inverse_length
         ctx.save_for_backward(corner, edge1, edge2, normals, inverse_length)
         ctx.vertices_shape = vertices.shape
@@ -79,7 +79,12 @@ class _VertexNormals(torch.autograd.Function):
 
 def _unit_rows(vectors: torch.Tensor) -> torch.Tensor:
     """Channel-first vectors [3, N] scaled to unit length (zero vectors stay zero)."""
-    return vectors * torch.rsqrt((vectors * vectors).sum(0, keepdim=True).clamp_min(1e-24))
+    return vectors * _inverse_lengths(vectors)
+
+
+def _inverse_lengths(vectors: torch.Tensor) -> torch.Tensor:
+    """[1, N]: 1 / length of channel-first vectors [3, N], bounded (1e12) for zero vectors."""
+    return torch.rsqrt((vectors * vectors).sum(0, keepdim=True).clamp_min(1e-24))
 
 
 def render_mesh(vertices: torch.Tensor, faces: torch.Tensor, cams: Cameras, resolution: int | tuple[int, int],
