@@ -15,7 +15,8 @@ import torch
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("what", choices=("raster", "fit"), help="which benchmark")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
-    parser.add_argument("--repeats", type=int, default=15, help="timed runs per configuration")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="timed runs per configuration (default: raster 15, fit 25)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--model", default=None,
                         help="fit: 'tiny' (CPU default), 'sd15-arch' (random SD 1.5 weights; CUDA default) or a model id/folder")
@@ -34,10 +35,10 @@ def run(args: argparse.Namespace) -> int:
     if args.what == "raster":
         from .bench_raster import run as bench_raster
 
-        figures = bench_raster(device, repeats=args.repeats)
+        figures = bench_raster(device, **({} if args.repeats is None else {"repeats": args.repeats}))
     else:
         from .bench_fit import run as bench_fit
 
-        figures = bench_fit(device, repeats=args.repeats, model=args.model)
+        figures = bench_fit(device, model=args.model, **({} if args.repeats is None else {"repeats": args.repeats}))
     print(json.dumps(figures, indent=2))
     return 0

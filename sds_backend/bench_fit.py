@@ -64,7 +64,7 @@ def _guidance(model: str, device: torch.device) -> StableDiffusionGuidance:
     return StableDiffusionGuidance.from_config(GuidanceConfig(model=model), device)
 
 
-def run(device: torch.device, repeats: int = 15, model: str | None = None) -> dict:
+def run(device: torch.device, repeats: int = 25, model: str | None = None) -> dict:
     model = model or ("sd15-arch" if device.type == "cuda" else "tiny")
     render_size = 512 if model == "sd15-arch" else 256
     guidance = _guidance(model, device)
@@ -99,8 +99,9 @@ def run(device: torch.device, repeats: int = 15, model: str | None = None) -> di
     timer = PhaseTimer(device)
     fitter.timer = timer
     times: dict[str, list[float]] = {"step": [], "bare": []}
-    for _ in range(repeats):
-        for name, call in (("step", fit_step), ("bare", bare_sds)):
+    for index in range(repeats):
+        calls = (("step", fit_step), ("bare", bare_sds))
+        for name, call in calls if index % 2 == 0 else calls[::-1]:
             sync()
             start = time.perf_counter()
             call()
@@ -108,6 +109,9 @@ def run(device: torch.device, repeats: int = 15, model: str | None = None) -> di
             times[name].append((time.perf_counter() - start) * 1e3)
     step_ms = sorted(times["step"])[repeats // 2]
     bare_ms = sorted(times["bare"])[repeats // 2]
+    # the ratio of each step to the bare call next to it, then the median: a machine whose
+    # speed drifts during the run moves both calls of a pair alike
+    ratios = sorted(step / bare for step, bare in zip(times["step"], times["bare"]))
     figures = {
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
         "model": model,
@@ -118,7 +122,8 @@ def run(device: torch.device, repeats: int = 15, model: str | None = None) -> di
         "triangles": int(fitter.faces.shape[0]),
         "step_ms": round(step_ms, 2),
         "bare_sds_ms": round(bare_ms, 2),
-        "overhead_ratio": round(step_ms / bare_ms, 3),
+        "overhead_ratio": round(ratios[repeats // 2], 3),
+        "overhead_ratio_quartiles": [round(ratios[repeats // 4], 3), round(ratios[(3 * repeats) // 4], 3)],
         "breakdown_ms": {phase: round(timer.totals.get(phase, 0.0) * 1e3 / repeats, 2) for phase in PHASES},
     }
     if device.type == "cuda":

@@ -26,10 +26,12 @@ def test_bench_raster_reports_times_ratios_and_gradient_errors():
 
 
 def test_bench_fit_reports_step_breakdown_and_overhead():
-    figures = bench_fit.run(torch.device("cpu"), repeats=2)
+    figures = bench_fit.run(torch.device("cpu"), repeats=3)
     assert figures["device"] == "cpu" and figures["model"] == "tiny" and figures["render_size"] == 256
     assert _positive(figures["step_ms"]) and _positive(figures["bare_sds_ms"])
-    assert figures["overhead_ratio"] == pytest.approx(figures["step_ms"] / figures["bare_sds_ms"], rel=0.01)
+    # the median of per-pair ratios: a step renders and updates on top of a bare SDS call
+    low, high = figures["overhead_ratio_quartiles"]
+    assert 1 < low <= figures["overhead_ratio"] <= high
     assert set(figures["breakdown_ms"]) == {"render", "vae_encode", "unet", "backward", "optimizer"}
     assert all(_positive(v) for v in figures["breakdown_ms"].values())
     assert "it_per_s" not in figures and "peak_mem_gb" not in figures     # CUDA-only figures
