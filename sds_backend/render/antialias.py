@@ -276,10 +276,11 @@ def _scanline_crossings(screen, edge_batch, height, width, depth_keys, depth_dty
 
 
 def _blend_weight(du: torch.Tensor, dv: torch.Tensor):
-    """Weight of a scan direction for an edge (du, dv) in its (u, v) axes, and d weight / d steepness.
+    """Weight of a scan direction for edges (du, dv) in its (u, v) axes.
 
     Steepness |dv| / (|du| + |dv|) is 1 for an edge perpendicular to the scanlines; the weight
     is a smoothstep of it over _BLEND_BAND, so the two directions' weights sum to one.
+    -> weight, d weight / d steepness, |du| + |dv| (bounded below for zero-length edges).
     """
     low, high = _BLEND_BAND
     total = (du.abs() + dv.abs()).clamp_min(1e-12)
