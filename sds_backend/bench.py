@@ -32,13 +32,14 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    repeats = {} if args.repeats is None else {"repeats": args.repeats}     # else each bench's own default
     if args.what == "raster":
         from .bench_raster import run as bench_raster
 
-        figures = bench_raster(device, **({} if args.repeats is None else {"repeats": args.repeats}))
+        figures = bench_raster(device, **repeats)
     else:
         from .bench_fit import run as bench_fit
 
-        figures = bench_fit(device, model=args.model, **({} if args.repeats is None else {"repeats": args.repeats}))
+        figures = bench_fit(device, model=args.model, **repeats)
     print(json.dumps(figures, indent=2))
     return 0

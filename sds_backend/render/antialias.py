@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from .rasterize import (COVERED_KEY_LIMIT, Rasterization, _expand, check_mesh_inputs, corner_indices, decode_depth,
-                        pixel_xy)
+                        gather_columns, pixel_xy, scatter_columns)
 
 _BLEND_BAND = (0.4, 0.6)  # fraction |dv| / (|du| + |dv|) over which the two scan directions blend
 
@@ -326,9 +326,8 @@ class _CrossingScale(torch.autograd.Function):
         grad_py = torch.where(column, grad_u, grad_v).view(-1)
         # px = (x / w + 1) W / 2, py = (1 - y / w) H / 2
         index = ends.reshape(-1)
-        x, y, _, w = flat.index_select(0, index).unbind(1)
+        x, y, w = gather_columns(flat, index, (0, 1, 3))
         grad_x = grad_px * (0.5 * width) / w
         grad_y = grad_py * (-0.5 * height) / w
         grad_w = -(grad_x * x + grad_y * y) / w
-        rows = torch.stack([grad_x, grad_y, torch.zeros_like(grad_w), grad_w], 1)
-        return flat.new_zeros(flat.shape).index_add_(0, index, rows), None, None, None, None, None
+        return scatter_columns((grad_x, grad_y, grad_w), index, (0, 1, 3), flat.shape), None, None, None, None, None

@@ -482,35 +482,22 @@ class _Barycentrics(torch.autograd.Function):
         grad_dx, grad_dy = cross_rows(dy, grad_e), cross_rows(grad_e, dx)
         grad_w = -(grad_dx * px + grad_dy * py)
         rows = (grad_dx.view(-1), grad_dy.view(-1), grad_w.view(-1))
-        return _scatter_columns(rows, corners.view(-1), (0, 1, 3), ctx.table_shape), None, None, None
+        return scatter_columns(rows, corners.view(-1), (0, 1, 3), ctx.table_shape), None, None, None
 
 
 def gather_columns(table: torch.Tensor, index: torch.Tensor, columns: tuple[int, ...]) -> torch.Tensor:
-    """[len(columns), n]: row k is table[index, columns[k]] for a table [N, C]; differentiable in table.
+    """[len(columns), n]: row k is table[index, columns[k]] for a table [N, C] (no autograd).
 
-    Autograd of column views and index_select would fill a zero [N, C] gradient per column and
-    one more per view; this fills one and scatters each column into it.
+    One 1-D gather per column, several times faster than gathering rows of a [N, C] table.
+    The autograd nodes that use it scatter their gradients back with `scatter_columns`.
     """
-    return _GatherColumns.apply(table, index, columns)
+    out = table.new_empty(len(columns), index.shape[0])
+    for k, column in enumerate(columns):
+        torch.index_select(table[:, column].contiguous(), 0, index, out=out[k])
+    return out
 
 
-class _GatherColumns(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, table, index, columns):
-        ctx.save_for_backward(index)
-        ctx.columns, ctx.table_shape = columns, table.shape
-        out = table.new_empty(len(columns), index.shape[0])
-        for k, column in enumerate(columns):
-            torch.index_select(table[:, column].contiguous(), 0, index, out=out[k])
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        (index,) = ctx.saved_tensors
-        return _scatter_columns(grad, index, ctx.columns, ctx.table_shape), None, None
-
-
-def _scatter_columns(rows, index: torch.Tensor, columns: tuple[int, ...], table_shape) -> torch.Tensor:
+def scatter_columns(rows, index: torch.Tensor, columns: tuple[int, ...], table_shape) -> torch.Tensor:
     """The adjoint of `gather_columns`: a zero table [N, C] with rows[k] added at [index, columns[k]]."""
     num_rows, num_columns = table_shape
     table = rows[0].new_zeros(num_columns, num_rows)                          # channel-first: rows are contiguous
