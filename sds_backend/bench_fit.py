@@ -64,6 +64,24 @@ def _guidance(model: str, device: torch.device) -> StableDiffusionGuidance:
     return StableDiffusionGuidance.from_config(GuidanceConfig(model=model), device)
 
 
+def _median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2]
+
+
+def paired_ratio(numerators: list[float], denominators: list[float]) -> tuple[float, tuple[float, float]]:
+    """Median and (lower, upper) quartiles of the ratios of paired times.
+
+    Each numerator is divided by the denominator timed next to it, so a machine whose speed
+    drifts during the run moves both sides of a pair alike (a ratio of the two medians would
+    mix minutes at different speeds).
+    """
+    if len(numerators) != len(denominators) or not numerators:
+        raise ValueError(f"need equally many paired times, got {len(numerators)} and {len(denominators)}")
+    ratios = sorted(n / d for n, d in zip(numerators, denominators))
+    count = len(ratios)
+    return ratios[count // 2], (ratios[count // 4], ratios[(3 * count) // 4])
+
+
 def run(device: torch.device, repeats: int = 25, model: str | None = None) -> dict:
     model = model or ("sd15-arch" if device.type == "cuda" else "tiny")
     render_size = 512 if model == "sd15-arch" else 256
@@ -107,11 +125,8 @@ def run(device: torch.device, repeats: int = 25, model: str | None = None) -> di
             call()
             sync()
             times[name].append((time.perf_counter() - start) * 1e3)
-    step_ms = sorted(times["step"])[repeats // 2]
-    bare_ms = sorted(times["bare"])[repeats // 2]
-    # the ratio of each step to the bare call next to it, then the median: a machine whose
-    # speed drifts during the run moves both calls of a pair alike
-    ratios = sorted(step / bare for step, bare in zip(times["step"], times["bare"]))
+    step_ms, bare_ms = _median(times["step"]), _median(times["bare"])
+    ratio, ratio_quartiles = paired_ratio(times["step"], times["bare"])
     figures = {
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
         "model": model,
@@ -122,8 +137,8 @@ def run(device: torch.device, repeats: int = 25, model: str | None = None) -> di
         "triangles": int(fitter.faces.shape[0]),
         "step_ms": round(step_ms, 2),
         "bare_sds_ms": round(bare_ms, 2),
-        "overhead_ratio": round(ratios[repeats // 2], 3),
-        "overhead_ratio_quartiles": [round(ratios[repeats // 4], 3), round(ratios[(3 * repeats) // 4], 3)],
+        "overhead_ratio": round(ratio, 3),
+        "overhead_ratio_quartiles": [round(q, 3) for q in ratio_quartiles],
         "breakdown_ms": {phase: round(timer.totals.get(phase, 0.0) * 1e3 / repeats, 2) for phase in PHASES},
     }
     if device.type == "cuda":

@@ -29,12 +29,25 @@ def test_bench_fit_reports_step_breakdown_and_overhead():
     figures = bench_fit.run(torch.device("cpu"), repeats=3)
     assert figures["device"] == "cpu" and figures["model"] == "tiny" and figures["render_size"] == 256
     assert _positive(figures["step_ms"]) and _positive(figures["bare_sds_ms"])
-    # the median of per-pair ratios: a step renders and updates on top of a bare SDS call
+    # timing itself is not asserted (CI shares its cores with the add-on tests): only that the
+    # ratio is a median of paired ratios with its quartiles around it
     low, high = figures["overhead_ratio_quartiles"]
-    assert 1 < low <= figures["overhead_ratio"] <= high
+    assert 0 < low <= figures["overhead_ratio"] <= high
     assert set(figures["breakdown_ms"]) == {"render", "vae_encode", "unet", "backward", "optimizer"}
     assert all(_positive(v) for v in figures["breakdown_ms"].values())
     assert "it_per_s" not in figures and "peak_mem_gb" not in figures     # CUDA-only figures
+
+
+def test_paired_ratio_divides_each_time_by_its_own_partner():
+    # a machine that slows down 3x halfway: every pair still says 1.2
+    ratio, (low, high) = bench_fit.paired_ratio([12.0, 12.0, 36.0, 36.0, 36.0], [10.0, 10.0, 30.0, 30.0, 30.0])
+    assert ratio == pytest.approx(1.2) and low == pytest.approx(1.2) and high == pytest.approx(1.2)
+    # pairs stay pairs (sorting each side on its own would give 1 and 2)
+    ratio, (low, high) = bench_fit.paired_ratio([6.0, 2.0], [1.0, 6.0])
+    assert (low, ratio) == (pytest.approx(1 / 3), 6.0)
+    assert bench_fit.paired_ratio([1.0, 5.0, 2.0, 9.0], [1.0] * 4) == (5.0, (2.0, 9.0))
+    with pytest.raises(ValueError, match="paired"):
+        bench_fit.paired_ratio([1.0, 2.0], [1.0])
 
 
 @pytest.mark.gpu
