@@ -342,6 +342,33 @@ def _synthetic_model(num_components: int = 20):
     return vertices, faces, basis
 
 
+def test_lambert_render_of_a_sphere_matches_its_analytic_shading():
+    # each pixel's ray meets the unit sphere where the normal is the hit point itself: the
+    # exact Lambert image, lit from a camera-space direction, from cameras off every axis
+    vertices, faces = uv_sphere(48, 96)
+    cams = camera.orbit_cameras(torch.tensor([35.0, -120.0]), torch.tensor([20.0, -40.0]), 3.0, fov_deg=40)
+    lights = torch.nn.functional.normalize(torch.tensor([[0.6, 0.5, 1.0], [-0.8, -0.2, 0.5]]), dim=-1)
+    albedo, ambient, size = 0.7, 0.25, 96
+    image = shading.render_mesh(vertices.float(), faces, cams, size, light_dir=lights, albedo=albedo,
+                                ambient=ambient).image[..., 0].double()
+    first = camera.Cameras(*(t[:1] for t in (cams.world_to_view, cams.projection, cams.yaw_deg, cams.pitch_deg)))
+    alone = shading.render_mesh(vertices.float(), faces, first, size, light_dir=lights[:1], albedo=albedo, ambient=ambient)
+    assert torch.allclose(alone.image[0, ..., 0].double(), image[0], atol=1e-6)     # one camera or a batch
+    ndc = (torch.arange(size, dtype=torch.float64) * 2 + 1) / size - 1
+    focal = 1 / math.tan(math.radians(20))
+    rays = torch.stack(torch.broadcast_tensors(ndc[None, :] / focal, -ndc[:, None] / focal, -torch.ones(1, 1)), -1)
+    rays = rays / rays.norm(dim=-1, keepdim=True)                          # view space, [H, W, 3]
+    for b in range(2):
+        centre = cams.world_to_view[b, :3, 3].double()                      # of the sphere, in view space
+        along = rays @ centre
+        discriminant = along ** 2 - centre.dot(centre) + 1
+        hits = discriminant > 0.05                                          # clear of the silhouette
+        normal = (along - discriminant.clamp_min(0).sqrt())[..., None] * rays - centre
+        exact = albedo * (ambient + (1 - ambient) * (normal @ lights[b].double()).clamp_min(0))
+        error = (image[b] - exact)[hits].abs()
+        assert hits.sum() > 1500 and error.mean() < 2e-3 and error.max() < 0.02, (b, error.mean(), error.max())
+
+
 def test_inverse_rendering_recovers_synthetic_weights():
     torch.manual_seed(0)
     vertices, faces, basis = _synthetic_model(20)
@@ -420,7 +447,7 @@ def test_float32_barycentrics_keep_their_precision_on_small_triangles():
 def test_grey_render_matches_its_three_channel_composite():
     # Lambert renders antialias one grey channel and widen it; over a grey background that must
     # equal compositing the same colour as three channels, in the image and in the gradient
-    from sds_backend.render.shading import _camera_normals, _composite, _lambert
+    from sds_backend.render.shading import _composite, _vertex_lambert
 
     vertices, faces = uv_sphere(15, 30)
     cams = camera.orbit_cameras(torch.tensor([30.0]), torch.tensor([10.0]), 3.0)
@@ -431,7 +458,7 @@ def test_grey_render_matches_its_three_channel_composite():
         v = vertices.clone().requires_grad_(True)
         clip = cams.to_clip(v[None])
         rast = rasterize(clip, faces, 40)
-        color = 0.7 * _lambert(_camera_normals(v[None], faces, cams, rast), None, 0.25, rast)
+        color = _vertex_lambert(v[None], faces, cams, rast, None, 0.25, 0.7)
         render = _composite(color if grey else color.expand(3, -1), rast, clip, faces, topology, 0.3, grey=grey)
         (render.image * weights).sum().backward()
         results.append((render.image.detach(), render.alpha.detach(), v.grad))
