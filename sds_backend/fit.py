@@ -426,7 +426,9 @@ class Fitter:
         """One iteration; returns (loss, mean t as a fraction of the train steps)."""
         config, timer = self.config, self.timer
         timer.mark("render")
-        optimizer.zero_grad(set_to_none=True)
+        for group in optimizer.param_groups:       # zero_grad(set_to_none=True) without its overhead
+            for param in group["params"]:
+                param.grad = None
         image, cams = self.render(stage, state, generator)
         timer.mark("vae_encode")
         latents = self.guidance.encode(image)

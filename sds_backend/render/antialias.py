@@ -92,7 +92,8 @@ def antialias(color: torch.Tensor, rast: Rasterization, clip_verts: torch.Tensor
     edge are not antialiased. Gradients are zero away from visible silhouette edges except
     for the pass-through of `color`.
     """
-    check_mesh_inputs(clip_verts, faces)
+    if not rast.made_from(clip_verts, faces):
+        check_mesh_inputs(clip_verts, faces)
     batch, height, width = rast.batch, *rast.resolution
     if color.ndim != 4 or tuple(color.shape[:3]) != (batch, height, width):
         raise ValueError(f"color: expected shape [{batch}, {height}, {width}, C] to match the rasterization, "

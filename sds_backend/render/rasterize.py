@@ -58,6 +58,14 @@ class Rasterization:
     corners: torch.Tensor | None = None
     corners_key: tuple | None = field(default=None, repr=False)   # (faces, its _version, V)
     geometry: "ScreenGeometry | None" = None
+    clip_key: tuple | None = field(default=None, repr=False)      # (clip_verts, its _version)
+
+    def made_from(self, clip_verts: torch.Tensor, faces: torch.Tensor) -> bool:
+        """True when clip_verts and faces are the very tensors `rasterize` checked and made
+        this from, unchanged since: primitives given them again need not check them again."""
+        corners, clip = self.corners_key, self.clip_key
+        return (clip is not None and corners is not None and clip[0] is clip_verts and corners[0] is faces
+                and clip[1] == clip_verts._version and corners[1] == faces._version)
 
     def corner_vertices(self, faces: torch.Tensor, attr_batch: int, num_vertices: int) -> torch.Tensor:
         """int64 [3, P]: `pixel_corners` of `faces` for attributes [attr_batch, num_vertices, C].
@@ -222,7 +230,7 @@ def rasterize(clip_verts: torch.Tensor, faces: torch.Tensor, resolution: int | t
     # screen triangles are the faces, in order, unless some were clipped at the near plane
     geometry = ScreenGeometry(vertex_screen, area) if vertex_screen is not None else None
     return Rasterization((height, width), batch, pixels, triangles, bary, depth, zbuffer, corners,
-                         (faces, faces._version, num_vertices), geometry)
+                         (faces, faces._version, num_vertices), geometry, (clip_verts, clip_verts._version))
 
 
 def pixel_xy(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, height: int, width: int):

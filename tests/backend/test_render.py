@@ -104,6 +104,15 @@ def test_batch_and_bad_arguments():
         rasterize(clip * float("nan"), faces, 16)
     with pytest.raises(ValueError, match="resolution"):
         rasterize(clip, faces, 0)
+    # antialias checks only what rasterize has not: other tensors, or its own changed in place
+    color = torch.zeros(2, 24, 40, 3)
+    with pytest.raises(ValueError, match="NaN or inf"):
+        antialias(color, rast, clip * float("nan"), faces)
+    with pytest.raises(ValueError, match="faces: indices must lie in"):
+        antialias(color, rast, clip, faces + 1000)
+    clip[0, 0, 0] = float("inf")
+    with pytest.raises(ValueError, match="NaN or inf"):
+        antialias(color, rast, clip, faces)
 
 
 def test_face_array_changed_in_place_is_seen():
