@@ -248,7 +248,8 @@ def _screen_triangles(clip_verts: torch.Tensor, faces: torch.Tensor, height: int
     """Screen-space corners of all triangles in front of the near plane (z >= -w).
 
     -> screen [3 (x, y, z), 3 (corner), N], batch [N], face [N], and the projected vertices
-    [3, B*V] when no face needed clipping (screen triangle n is then face n), else None.
+    [3, B*V] when no face needed clipping; then screen triangle n is face n % F of batch item
+    n // F, and batch and face are None (not built: they would be two index arrays per render).
     Vertices are projected once and shared, so triangles that share an edge see identical
     corner coordinates. Triangles crossing the near plane are clipped into new triangles.
     """
@@ -257,9 +258,6 @@ def _screen_triangles(clip_verts: torch.Tensor, faces: torch.Tensor, height: int
     device = clip_verts.device
     flat = clip_verts.reshape(batch * num_vertices, 4)
     corner = corner_indices(faces, batch, num_vertices)                             # [3, B*F]
-    tri_batch = torch.arange(batch, device=device).repeat_interleave(num_faces)
-    tri_face = torch.arange(num_faces, device=device).repeat(batch)
-
     near_dist = flat[:, 2] + flat[:, 3]                      # >= 0: in front of the near plane
     vertex_screen = _to_screen(flat, height, width)          # [3, B*V]; garbage where behind
     screen = vertex_screen.new_empty(3, corner.numel())
@@ -267,10 +265,12 @@ def _screen_triangles(clip_verts: torch.Tensor, faces: torch.Tensor, height: int
         torch.index_select(vertex_screen[k], 0, corner.view(-1), out=screen[k])
     screen = screen.view(3, 3, -1)                           # [3, 3, B*F]
     if bool((near_dist >= 0).all()):
-        return screen, tri_batch, tri_face, vertex_screen
+        return screen, None, None, vertex_screen
     num_behind = (near_dist.index_select(0, corner.reshape(-1)).view(3, -1) < 0).sum(0)
     if bool((num_behind == 0).all()):
-        return screen, tri_batch, tri_face, vertex_screen
+        return screen, None, None, vertex_screen
+    tri_batch = torch.arange(batch, device=device).repeat_interleave(num_faces)
+    tri_face = torch.arange(num_faces, device=device).repeat(batch)
     keep = torch.nonzero(num_behind == 0).squeeze(1)
     crossing = torch.nonzero((num_behind == 1) | (num_behind == 2)).squeeze(1)
     tri_clip = flat[corner[:, crossing].t()]                 # [M, 3, 4]
@@ -307,7 +307,8 @@ def _clip_near(tri: torch.Tensor, dist: torch.Tensor):
 
 
 def _zbuffer(screen, tri_batch, tri_face, batch, height, width):
-    """Scanline visibility over screen triangles [3, 3, N].
+    """Scanline visibility over screen triangles [3, 3, N] of batch items tri_batch [N] and faces
+    tri_face [N] (both None: triangle n is face n % F of item n // F, see `_screen_triangles`).
 
     -> pixels [P], faces [P], depth [P], keys [B*H*W], signed areas of the triangles [N].
     """
@@ -321,7 +322,11 @@ def _zbuffer(screen, tri_batch, tri_face, batch, height, width):
     covered = zbuf < COVERED_KEY_LIMIT
     pixels = torch.nonzero(covered).squeeze(1)
     won = zbuf.index_select(0, pixels)
-    triangles = tri_face.index_select(0, span_tri.index_select(0, won & _LOW32))
+    triangles = span_tri.index_select(0, won & _LOW32)
+    if tri_face is not None:
+        triangles = tri_face.index_select(0, triangles)
+    elif batch > 1:
+        triangles = triangles % (screen.shape[2] // batch)
     return pixels, triangles, decode_depth(won, screen.dtype), zbuf, area
 
 
@@ -340,12 +345,14 @@ def decode_depth(keys: torch.Tensor, dtype: torch.dtype = torch.float32) -> torc
 
 def _draw(screen, area, tris, tri_batch, zbuf, height, width):
     """Scanline-convert the triangles `tris` (None: all) of screen [3, 3, N], with their signed
-    areas [N], into zbuf (keys, amin).
+    areas [N] and batch items [N] (None: triangle n belongs to item n // (N / B)), into zbuf
+    (keys, amin).
 
     Fragment keys order by depth, then by span index, which follows triangle order, so exact
     depth ties go to the earlier triangle. -> the screen triangle of each span [S].
     """
     dtype = screen.dtype
+    faces_per_item = screen.shape[2] // (zbuf.shape[0] // (height * width))
     if tris is not None:
         screen, area = screen.index_select(2, tris), area.index_select(0, tris)
     sx, sy, sz = screen                                                      # each [3 corners, n]
@@ -396,7 +403,8 @@ def _draw(screen, area, tris, tri_batch, zbuf, height, width):
         span_tri = tris.index_select(0, span_tri)
     base_pixel = row * width + col_start
     if zbuf.shape[0] > height * width:
-        base_pixel = base_pixel + tri_batch.index_select(0, span_tri) * (height * width)
+        item = span_tri // faces_per_item if tri_batch is None else tri_batch.index_select(0, span_tri)
+        base_pixel = base_pixel + item * (height * width)
 
     frag_span, step = _expand((col_end - col_start).clamp_min(0))
     if frag_span.numel() == 0:
