@@ -11,8 +11,7 @@ from .render import antialias, camera, interpolate, prepare_topology, rasterize
 
 def _cameras(dtype: torch.dtype, device: torch.device) -> camera.Cameras:
     cams = camera.orbit_cameras(torch.tensor([20.0]), torch.tensor([10.0]), 3.6, fov_deg=40)
-    return camera.Cameras(*(t.to(device=device, dtype=dtype) for t in
-                            (cams.world_to_view, cams.projection, cams.yaw_deg, cams.pitch_deg)))
+    return cams.map(lambda t: t.to(device=device, dtype=dtype))
 
 
 def silhouette_gradient_error(num_faces: int, resolution: int = 128, supersample: int = 8, eps: float = 2e-3,

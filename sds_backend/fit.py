@@ -470,7 +470,7 @@ class Fitter:
         """The stage's render of the current state from random cameras -> (image [B, 3, H, W], cameras)."""
         config = self.config
         cams = self.orbit[stage].sample(config.batch_size, self.radius, self.center.cpu(), generator)
-        cams = camera.Cameras(*(t.to(self.device) for t in (cams.world_to_view, cams.projection, cams.yaw_deg, cams.pitch_deg)))
+        cams = cams.map(lambda t: t.to(self.device))
         light = _random_light(config.batch_size, generator).to(self.device)
         background = _background(config.background, generator)
         if stage == "shape":

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from .rasterize import (COVERED_KEY_LIMIT, Rasterization, _expand, check_mesh_inputs, corner_indices, decode_depth,
-                        gather_columns, pixel_xy, scatter_columns)
+                        gather_columns, pixel_xy, scatter_columns, signed_areas)
 
 _BLEND_BAND = (0.4, 0.6)  # fraction |dv| / (|du| + |dv|) over which the two scan directions blend
 
@@ -177,8 +177,7 @@ def _visible_side_edges(clip_verts, faces, topology, height, width, geometry=Non
         xd, yd = pixel_xy(flat_d[:, 0], flat_d[:, 1], safe_w, height, width)
         z = flat_d[:, 2] / safe_w
         corner = corner_indices(faces, batch, num_vertices)                         # [3, B*F]
-        cx, cy = (_at(t, corner.reshape(-1)).view(3, -1) for t in (xd, yd))         # [corner, B*F]
-        area = (cx[1] - cx[0]) * (cy[2] - cy[0]) - (cx[2] - cx[0]) * (cy[1] - cy[0])
+        area = signed_areas(*(_at(t, corner.reshape(-1)).view(3, -1) for t in (xd, yd)))   # [B*F]
     # screen y points down, so counter-clockwise in NDC is negative signed area here
     front = (area < 0).view(batch, num_faces)
     face0, face1 = topology.faces[:, 0], topology.faces[:, 1]
@@ -284,8 +283,9 @@ def _blend_weight(du: torch.Tensor, dv: torch.Tensor):
     -> weight, d weight / d steepness, |du| + |dv| (bounded below for zero-length edges).
     """
     low, high = _BLEND_BAND
-    total = (du.abs() + dv.abs()).clamp_min(1e-12)
-    ramp = ((dv.abs() / total - low) / (high - low)).clamp(0, 1)
+    steep = dv.abs()
+    total = (du.abs() + steep).clamp_min(1e-12)
+    ramp = ((steep / total - low) / (high - low)).clamp(0, 1)
     return ramp * ramp * (3 - 2 * ramp), ramp * (1 - ramp) * (6 / (high - low)), total
 
 

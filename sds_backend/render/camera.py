@@ -30,6 +30,10 @@ class Cameras:
     def __len__(self) -> int:
         return self.world_to_view.shape[0]
 
+    def map(self, fn) -> "Cameras":
+        """The same cameras with `fn` applied to each of their tensors (a device, a dtype, a slice)."""
+        return Cameras(fn(self.world_to_view), fn(self.projection), fn(self.yaw_deg), fn(self.pitch_deg))
+
     def world_to_clip(self) -> torch.Tensor:
         return self.projection @ self.world_to_view
 

@@ -63,9 +63,7 @@ class Rasterization:
     def made_from(self, clip_verts: torch.Tensor, faces: torch.Tensor) -> bool:
         """True when clip_verts and faces are the very tensors `rasterize` checked and made
         this from, unchanged since: primitives given them again need not check them again."""
-        corners, clip = self.corners_key, self.clip_key
-        return (clip is not None and corners is not None and clip[0] is clip_verts and corners[0] is faces
-                and clip[1] == clip_verts._version and corners[1] == faces._version)
+        return _unchanged(self.clip_key, clip_verts) and _unchanged(self.corners_key, faces)
 
     def corner_vertices(self, faces: torch.Tensor, attr_batch: int, num_vertices: int) -> torch.Tensor:
         """int64 [3, P]: `pixel_corners` of `faces` for attributes [attr_batch, num_vertices, C].
@@ -73,8 +71,7 @@ class Rasterization:
         The corners `rasterize` already gathered when `faces` is the very array it rasterized,
         unchanged since, and the attributes are laid out like its vertices; else gathered anew.
         """
-        key = self.corners_key
-        if (key is not None and key[0] is faces and key[1:] == (faces._version, num_vertices)
+        if (_unchanged(self.corners_key, faces) and self.corners_key[2] == num_vertices
                 and attr_batch == self.batch):
             return self.corners
         return pixel_corners(faces, self.triangles, self.pixels, self.resolution[0] * self.resolution[1],
@@ -117,6 +114,11 @@ class Rasterization:
         return dense.t().reshape(self.batch, *self.resolution, 3)
 
 
+def _unchanged(key: tuple | None, tensor: torch.Tensor) -> bool:
+    """Whether key, (tensor, its _version, ...), was taken of this very tensor, not changed since."""
+    return key is not None and key[0] is tensor and key[1] == tensor._version
+
+
 @dataclass(frozen=True)
 class ScreenGeometry:
     """Screen-space values `rasterize` computed for every vertex and face (no gradient).
@@ -151,6 +153,11 @@ def check_mesh_inputs(clip_verts: torch.Tensor, faces: torch.Tensor) -> None:
     # amax propagates NaN and keeps inf, and NaN < inf is false: one reduction and one compare
     if clip_verts.numel() and not bool(clip_verts.detach().abs().amax() < math.inf):
         raise ValueError("clip_verts contains NaN or inf")
+
+
+def signed_areas(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Twice the signed area of triangles with corner coordinates x, y [3, N] -> [N]."""
+    return (x[1] - x[0]) * (y[2] - y[0]) - (x[2] - x[0]) * (y[1] - y[0])
 
 
 def corner_indices(faces: torch.Tensor, batch: int = 1, num_vertices: int = 0) -> torch.Tensor:
@@ -312,13 +319,14 @@ def _zbuffer(screen, tri_batch, tri_face, batch, height, width):
 
     -> pixels [P], faces [P], depth [P], keys [B*H*W], signed areas of the triangles [N].
     """
-    sx, sy = screen[0], screen[1]
-    area = (sx[1] - sx[0]) * (sy[2] - sy[0]) - (sx[2] - sx[0]) * (sy[1] - sy[0])
+    sx = screen[0]
+    area = signed_areas(sx, screen[1])
     # degenerate or off-screen triangles (and w <= 0 from exotic matrices) get no rows
     live = (area != 0) & torch.isfinite(area) & (sx.amax(0) >= 0) & (sx.amin(0) <= width)
     zbuf = torch.full((batch * height * width,), _EMPTY_KEY, dtype=torch.int64, device=screen.device)
     tris = None if bool(live.all()) else torch.nonzero(live).squeeze(1)
-    span_tri = _draw(screen, area, tris, tri_batch, zbuf, height, width)
+    faces_per_item = screen.shape[2] // batch                # screen triangles per item when unclipped
+    span_tri = _draw(screen, area, tris, tri_batch, faces_per_item, zbuf, height, width)
     covered = zbuf < COVERED_KEY_LIMIT
     pixels = torch.nonzero(covered).squeeze(1)
     won = zbuf.index_select(0, pixels)
@@ -326,7 +334,7 @@ def _zbuffer(screen, tri_batch, tri_face, batch, height, width):
     if tri_face is not None:
         triangles = tri_face.index_select(0, triangles)
     elif batch > 1:
-        triangles = triangles % (screen.shape[2] // batch)
+        triangles = triangles % faces_per_item
     return pixels, triangles, decode_depth(won, screen.dtype), zbuf, area
 
 
@@ -343,16 +351,15 @@ def decode_depth(keys: torch.Tensor, dtype: torch.dtype = torch.float32) -> torc
     return (keys >> 32).to(torch.int32).view(torch.float32).to(dtype) * 2 - 1
 
 
-def _draw(screen, area, tris, tri_batch, zbuf, height, width):
+def _draw(screen, area, tris, tri_batch, faces_per_item, zbuf, height, width):
     """Scanline-convert the triangles `tris` (None: all) of screen [3, 3, N], with their signed
-    areas [N] and batch items [N] (None: triangle n belongs to item n // (N / B)), into zbuf
-    (keys, amin).
+    areas [N] and batch items [N] (None: triangle n belongs to item n // faces_per_item), into
+    zbuf (keys, amin).
 
     Fragment keys order by depth, then by span index, which follows triangle order, so exact
     depth ties go to the earlier triangle. -> the screen triangle of each span [S].
     """
     dtype = screen.dtype
-    faces_per_item = screen.shape[2] // (zbuf.shape[0] // (height * width))
     if tris is not None:
         screen, area = screen.index_select(2, tris), area.index_select(0, tris)
     sx, sy, sz = screen                                                      # each [3 corners, n]

@@ -172,7 +172,7 @@ def test_texture_addresses_texel_centres():
 def _sphere_coverage_setup(n_lat, n_lon, resolution):
     vertices, faces = uv_sphere(n_lat, n_lon)
     cams = camera.orbit_cameras(torch.tensor([20.0]), torch.tensor([10.0]), 3.6, fov_deg=40)
-    cams = camera.Cameras(*(t.double() for t in (cams.world_to_view, cams.projection, cams.yaw_deg, cams.pitch_deg)))
+    cams = cams.map(torch.Tensor.double)
     ys, xs = torch.meshgrid(torch.linspace(0, 1, resolution, dtype=torch.float64),
                             torch.linspace(0, 1, resolution, dtype=torch.float64), indexing="ij")
     pixel_weights = 1 + torch.sin(3 * xs + 1) * torch.cos(2 * ys) + 0.5 * xs
@@ -360,7 +360,7 @@ def test_lambert_render_of_a_sphere_matches_its_analytic_shading():
     albedo, ambient, size = 0.7, 0.25, 96
     image = shading.render_mesh(vertices.float(), faces, cams, size, light_dir=lights, albedo=albedo,
                                 ambient=ambient).image[..., 0].double()
-    first = camera.Cameras(*(t[:1] for t in (cams.world_to_view, cams.projection, cams.yaw_deg, cams.pitch_deg)))
+    first = cams.map(lambda t: t[:1])
     alone = shading.render_mesh(vertices.float(), faces, first, size, light_dir=lights[:1], albedo=albedo, ambient=ambient)
     assert torch.allclose(alone.image[0, ..., 0].double(), image[0], atol=1e-6)     # one camera or a batch
     ndc = (torch.arange(size, dtype=torch.float64) * 2 + 1) / size - 1
@@ -418,7 +418,7 @@ def test_cuda_matches_cpu():
     for device in ("cpu", "cuda"):
         v = vertices.float().to(device).requires_grad_(True)
         f = faces.to(device)
-        cams_on = camera.Cameras(*(t.to(device) for t in (cams.world_to_view, cams.projection, cams.yaw_deg, cams.pitch_deg)))
+        cams_on = cams.map(lambda t: t.to(device))
         out = shading.render_mesh(v, f, cams_on, 96)
         out.image.sum().backward()
         results.append((out.image.detach().cpu(), v.grad.cpu()))
