@@ -2,13 +2,19 @@
 """Set up SDS Head on this machine (stdlib only, idempotent).
 
     python3 install.py                 backend environment in .venv/
-    python3 install.py --dev           + test tools, .venv-bpy/ (bpy wheel) and Debian's Blender
+    python3 install.py --dev           + test tools, .venv-bpy/ (bpy wheel), Debian's Blender and the
+                                         tiny Stable Diffusion the tests load
     python3 install.py --blender PATH  + install the add-on into that Blender ("auto" finds one)
 
 torch is pinned to one release. Its build is chosen per machine: the CUDA build (PyPI's
 default Linux wheel) where `nvidia-smi` answers, otherwise the CPU build from PyTorch's CPU
 index when that index is reachable. A local wheel that pip already finds (find-links) is
 used as it is; the CPU index is an extra source, never the only one.
+
+pip installs with --no-compile; importing the backend once afterwards writes the .pyc files
+a fit needs (see precompile). With --dev, the bpy environment and Debian's packages are set up
+in background threads while the backend installs; their output goes to a log that is printed
+if they fail.
 """
 from __future__ import annotations
 
@@ -18,6 +24,9 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
+import threading
+import time
 import urllib.request
 from pathlib import Path
 
@@ -31,6 +40,9 @@ BPY_PACKAGES = ["bpy==5.0.1", "numpy<2", "pytest>=9,<10"]
 DEBIAN_PACKAGES = ["blender", "python3-numpy", "xvfb", "xauth"]  # Debian's Blender imports numpy for glTF
 MIN_PYTHON = (3, 10)
 BPY_PYTHON = (3, 11)  # the bpy 5.0 wheel exists for CPython 3.11 only
+PIP_INSTALL = ["-m", "pip", "install", "--no-compile"]   # see precompile()
+BACKEND_IMPORTS = ("import sds_backend.server, sds_backend.fit, sds_backend.export, sds_backend.doctor; "
+                   "from diffusers import StableDiffusionPipeline; from transformers import CLIPTextModel")
 
 
 class StepFailed(RuntimeError):
@@ -41,14 +53,57 @@ def say(message: str) -> None:
     print(f"[install] {message}", flush=True)
 
 
-def run(step: str, cmd: list[str], **kwargs) -> None:
+def run(step: str, cmd: list[str], log=None, **kwargs) -> None:
+    """Run one step's command; its output streams to the terminal, or into `log` when given."""
     say(f"{step}: {' '.join(str(c) for c in cmd)}")
+    if log is not None:
+        kwargs.update(stdout=log, stderr=subprocess.STDOUT)
     try:
         result = subprocess.run([str(c) for c in cmd], **kwargs)
     except OSError as exc:
         raise StepFailed(f"step '{step}' failed: cannot run {cmd[0]}: {exc.strerror}") from None
     if result.returncode != 0:
-        raise StepFailed(f"step '{step}' failed (exit code {result.returncode}); see the output above")
+        where = "its output is below" if log is not None else "see the output above"
+        raise StepFailed(f"step '{step}' failed (exit code {result.returncode}); {where}")
+
+
+class InBackground:
+    """Steps run in a thread beside the main install, their output kept in a log.
+
+    pip and apt-get mostly wait on the network and the disk, so the bpy environment and Debian's
+    packages install in the time the backend's environment takes. `join` waits, says how it went
+    and raises the step's own StepFailed, printing the log's tail, when a step failed.
+    """
+
+    def __init__(self, name: str, steps) -> None:
+        self.name, self.error = name, None
+        self.log = tempfile.TemporaryFile("w+", encoding="utf-8", errors="replace")
+        self.started = self.finished = time.monotonic()
+        self.thread = threading.Thread(target=self._work, args=(steps,), daemon=True)
+        say(f"{name}: started in the background")
+        self.thread.start()
+
+    def _work(self, steps) -> None:
+        try:
+            steps(self.log)
+        except StepFailed as exc:
+            self.error = exc
+        except Exception as exc:  # a bug or an OS error: still reported as this step's failure
+            self.error = StepFailed(f"step '{self.name}' failed: {type(exc).__name__}: {exc}")
+        finally:
+            self.finished = time.monotonic()
+
+    def join(self) -> None:
+        self.thread.join()
+        self.log.flush()
+        self.log.seek(0)
+        output = self.log.read()
+        self.log.close()
+        if self.error is not None:
+            tail = "\n".join(output.splitlines()[-60:])
+            print(f"[install] --- output of '{self.name}' (last 60 lines) ---\n{tail}", flush=True)
+            raise self.error
+        say(f"{self.name}: done, took {self.finished - self.started:.0f} s")
 
 
 def venv_python(venv: Path) -> Path:
@@ -66,14 +121,14 @@ def write_stamp(venv: Path, name: str, content: str) -> None:
     (venv / f".sds-head-{name}.stamp").write_text(hashlib.sha256(content.encode()).hexdigest())
 
 
-def ensure_venv(venv: Path, python: str) -> Path:
+def ensure_venv(venv: Path, python: str, log=None) -> Path:
     py = venv_python(venv)
     if py.exists() and subprocess.run([str(py), "-c", "import pip"], capture_output=True).returncode == 0:
         say(f"environment {venv.name}/ exists")
         return py
     if venv.exists():
         shutil.rmtree(venv)
-    run(f"create {venv.name}", [python, "-m", "venv", str(venv)])
+    run(f"create {venv.name}", [python, "-m", "venv", str(venv)], log)
     return py
 
 
@@ -94,7 +149,7 @@ def reachable(url: str) -> bool:
         return False
 
 
-def install_torch(py: Path) -> None:
+def install_torch(py: Path) -> bool:
     """The pinned torch, as the build this machine needs.
 
     pip counts an installed `2.13.0+cpu` as satisfying `==2.13.0`, so switching build (a GPU
@@ -116,10 +171,10 @@ def install_torch(py: Path) -> None:
     key = f"{TORCH_PIN} build={build}"
     if stamp_matches(venv, "torch", key):
         say(f"torch already installed ({build} build)")
-        return
+        return False
     switching = (venv / ".sds-head-torch.stamp").exists()
     run("install torch" + (" (switching build)" if switching else ""),
-        [py, "-m", "pip", "install", TORCH_PIN, *(["--force-reinstall"] if switching else []), *extra])
+        [py, *PIP_INSTALL, TORCH_PIN, *(["--force-reinstall"] if switching else []), *extra])
     write_stamp(venv, "torch", key)
     if gpu:
         check = subprocess.run([str(py), "-c", "import torch; print(torch.cuda.is_available())"],
@@ -127,9 +182,10 @@ def install_torch(py: Path) -> None:
         if check.stdout.strip() != "True":
             say("WARNING: this machine has an NVIDIA GPU but the installed torch cannot use it "
                 "(driver too old for torch's CUDA build?); fits will run on the CPU")
+    return True
 
 
-def install_backend(py: Path, dev: bool) -> None:
+def install_backend(py: Path, dev: bool) -> bool:
     """The package (editable) with its dependencies; `dev` adds the test extras.
 
     A dev install also satisfies a plain one, so `install.py` after `install.py --dev` (the
@@ -138,12 +194,25 @@ def install_backend(py: Path, dev: bool) -> None:
     project = (ROOT / "pyproject.toml").read_text()
     if stamp_matches(VENV, "backend-dev", project) or (not dev and stamp_matches(VENV, "backend", project)):
         say("backend packages already installed")
-        return
+        return False
     run("install sds_backend (editable) and its dependencies",
-        [py, "-m", "pip", "install", "-e", ".[dev]" if dev else "."], cwd=ROOT)
+        [py, *PIP_INSTALL, "-e", ".[dev]" if dev else "."], cwd=ROOT)
     write_stamp(VENV, "backend", project)
     if dev:
         write_stamp(VENV, "backend-dev", project)
+    return True
+
+
+def precompile(py: Path, what: str, imports: str, log=None) -> None:
+    """Import `imports` once with bytecode writing on: the .pyc files of what a fit loads get
+    written, and a broken environment fails here, at install, under this step's name.
+
+    pip runs with --no-compile: its compile step is serial, compiles every file (four times what
+    a fit imports) and took longer than the rest of the install. Python compiles the other files
+    on first use, except where PYTHONDONTWRITEBYTECODE is set; that is why it is unset here.
+    """
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONDONTWRITEBYTECODE", "PYTHONPYCACHEPREFIX")}
+    run(f"import {what} once (writes its .pyc files)", [py, "-c", imports], log, env=env, cwd=ROOT)
 
 
 def find_python(version: tuple[int, int]) -> str | None:
@@ -153,18 +222,19 @@ def find_python(version: tuple[int, int]) -> str | None:
     return shutil.which(name)
 
 
-def install_bpy_venv() -> None:
+def install_bpy_venv(log=None) -> None:
     python = find_python(BPY_PYTHON)
     if python is None:
         say(f"SKIP .venv-bpy: the bpy wheel needs Python {BPY_PYTHON[0]}.{BPY_PYTHON[1]}, none found; "
             "add-on in-process tests will be skipped")
         return
-    py = ensure_venv(VENV_BPY, python)
+    py = ensure_venv(VENV_BPY, python, log)
     key = " ".join(BPY_PACKAGES)
     if stamp_matches(VENV_BPY, "bpy", key):
         say("bpy wheel already installed")
         return
-    run("install bpy wheel (numpy<2) for add-on tests", [py, "-m", "pip", "install", *BPY_PACKAGES])
+    run("install bpy wheel (numpy<2) for add-on tests", [py, *PIP_INSTALL, *BPY_PACKAGES], log)
+    precompile(py, "bpy", "import bpy, numpy, pytest", log)
     write_stamp(VENV_BPY, "bpy", key)
 
 
@@ -189,7 +259,7 @@ def missing_debian_packages() -> list[str]:
     return [package for package, state in zip(DEBIAN_PACKAGES, status) if "install ok installed" not in state]
 
 
-def install_debian_blender() -> None:
+def install_debian_blender(log=None) -> None:
     missing = missing_debian_packages()
     if not missing:
         say(f"Debian packages present: {' '.join(DEBIAN_PACKAGES)}")
@@ -198,9 +268,12 @@ def install_debian_blender() -> None:
         say(f"SKIP Debian packages {missing}: needs apt-get as root; end-to-end Blender tests will be skipped")
         return
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    if subprocess.run(["apt-get", "install", "-y", *missing], env=env).returncode != 0:   # stale package lists
-        run("apt-get update", ["apt-get", "update"], env=env)
-        run("install Blender, numpy for it, and Xvfb", ["apt-get", "install", "-y", *missing], env=env)
+    step = "install Blender, numpy for it, and Xvfb"
+    try:
+        run(step, ["apt-get", "install", "-y", *missing], log, env=env)
+    except StepFailed:   # stale package lists
+        run("apt-get update", ["apt-get", "update"], log, env=env)
+        run(step, ["apt-get", "install", "-y", *missing], log, env=env)
 
 
 def install_addon(blender: str, backend_python: Path) -> None:
@@ -228,18 +301,39 @@ def main(argv: list[str] | None = None) -> int:
     if sys.version_info[:2] < MIN_PYTHON:
         print(f"[install] needs Python >= {MIN_PYTHON[0]}.{MIN_PYTHON[1]}, this is {sys.version.split()[0]}", file=sys.stderr)
         return 2
+    background = [InBackground(".venv-bpy", install_bpy_venv),
+                  InBackground("Debian packages", install_debian_blender)] if args.dev else []
+    failures = []
     try:
         py = ensure_venv(VENV, sys.executable)
-        install_torch(py)
-        install_backend(py, args.dev)
+        if install_torch(py):    # torch's .pyc files are written while pip fetches the rest
+            compiling = InBackground("torch's .pyc files", lambda log: precompile(py, "torch", "import torch", log))
+            installed = install_backend(py, args.dev)
+            compiling.join()
+        else:
+            installed = install_backend(py, args.dev)
+        if installed:
+            precompile(py, "the backend", BACKEND_IMPORTS + ("; import pytest" if args.dev else ""))
         if args.dev:
             cache_head_source(py)
-            install_bpy_venv()
-            install_debian_blender()
-        if args.blender:
+            background.append(InBackground("the tests' tiny model", lambda log: run(
+                "build the tiny random Stable Diffusion the tests load (cached per machine; ~1 min of both "
+                "cores the first time)", [py, "-m", "sds_backend", "make-tiny-sd"], log, cwd=ROOT)))
+    except StepFailed as exc:
+        failures.append(exc)
+    for work in background:  # always waited for: never leave apt-get or pip half-way
+        try:
+            work.join()
+        except StepFailed as exc:
+            failures.append(exc)
+    try:
+        if args.blender and not failures:
             install_addon(args.blender, py)
     except StepFailed as exc:
-        print(f"[install] {exc}", file=sys.stderr)
+        failures.append(exc)
+    if failures:
+        for exc in failures:
+            print(f"[install] {exc}", file=sys.stderr)
         return 1
     say(f"done. Backend Python: {py}")
     return 0
