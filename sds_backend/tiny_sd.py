@@ -19,6 +19,7 @@ same model (on the same machine and thread count).
 """
 from __future__ import annotations
 
+import contextlib
 import string
 from pathlib import Path
 
@@ -201,14 +202,32 @@ def cached_tiny_sd(seed: int = 0) -> Path:
     if (folder / "model_index.json").exists():
         return folder
     root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=root, prefix=".building-"))
-    try:
-        save_tiny_sd(staging, seed)
+    # one builder at a time (a build takes about a minute of both cores): parallel test processes
+    # on a fresh machine wait for the first one instead of each building the same model
+    with _exclusive_lock(root / f".{folder.name}.lock"):
+        if (folder / "model_index.json").exists():
+            return folder
+        staging = Path(tempfile.mkdtemp(dir=root, prefix=".building-"))
         try:
-            staging.rename(folder)            # atomic: parallel builders never see half a model
-        except OSError:
-            if not (folder / "model_index.json").exists():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+            save_tiny_sd(staging, seed)
+            staging.rename(folder)            # atomic: readers never see half a model
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     return folder
+
+
+@contextlib.contextmanager
+def _exclusive_lock(path: Path):
+    """An advisory lock on `path` held for the block (POSIX); elsewhere, no lock: the rename above
+    still keeps a half-built model out of sight, two builders only do the work twice."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
