@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
+import os
 import sys
 
 # subcommand -> (module, one-line help). Each module has add_arguments(parser) and run(args) -> int.
@@ -41,5 +43,21 @@ def main(argv: list[str] | None = None) -> int:
     return int(module.run(command_parser.parse_args(argv[1:])) or 0)
 
 
+def exit_without_teardown(code: int) -> None:
+    """End the process once a command has returned, skipping the interpreter's teardown.
+
+    With torch, diffusers and transformers loaded, teardown takes 1-2 s of a core after every
+    output is written and closed; the add-on starts a backend per session and waits for it to end
+    when Blender quits. Exceptions never get here: they exit the usual way, with their traceback.
+    """
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):   # a closed or broken pipe: nothing left to say
+            pass
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_without_teardown(main())
