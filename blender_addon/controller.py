@@ -12,7 +12,7 @@ import logging
 import os
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -251,10 +251,15 @@ class FitController:
             self.publish()
 
     def tick(self, wait: float = 0.0) -> bool:
-        """Apply what arrived since the last tick (blocking up to `wait` s for it). Returns busy."""
+        """Apply what arrived since the last tick (blocking up to `wait` s for it). Returns busy.
+
+        Listeners hear of the status only when it changed: the UI timer ticks ten times a second,
+        and each publish redraws the 3D views (the whole viewport, in software GL a core's worth
+        of work while the model loads)."""
         job, backend = self.job, self.backend
         if job is None or backend is None:
             return False
+        before = replace(self.status), backend.describe()
         update = backend.wait(wait) if wait > 0 else backend.poll()
         if update is None:  # the backend forgot the job: only after close() from elsewhere
             self._finish_failed(bridge.BackendFailure("backend_died", "Backend was closed during the fit"))
@@ -278,7 +283,8 @@ class FitController:
             self._finish_done(job, update.done)
         elif backend.hello is not None and self.status.state == "starting":
             self.status.state, self.status.message = "running", "loading the model"
-        self.publish()
+        if (self.status, backend.describe()) != before:
+            self.publish()
         return self.busy
 
     def _head(self, job: Job):

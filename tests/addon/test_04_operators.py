@@ -216,6 +216,31 @@ def test_unregister_during_a_fit_leaves_no_backend_process(head, prefs, fake_bac
         addon_utils.enable(ADDON, default_set=True)
 
 
+def test_ticks_with_nothing_new_leave_the_panel_alone(head, prefs, fake_backend):
+    """The UI timer ticks ten times a second; only a tick that changed the status is published
+    (each publish redraws the 3D views), so a backend that is quiet, e.g. loading a model, costs
+    Blender no redraws."""
+    from blender_addon.controller import CONTROLLER
+
+    prefs.backend_python = fake_backend("hang")     # hello, one progress event, then silence
+    heard = []
+    CONTROLLER.listeners.append(heard.append)
+    try:
+        assert bpy.ops.sdshead.fit() == {"FINISHED"}
+        assert wait_until(lambda: CONTROLLER.tick(wait=0.05) and CONTROLLER.status.updates_applied == 1, 20)
+        assert heard[-1].iteration == 1 and heard[-1].state == "running"
+        published = len(heard)
+        for _ in range(20):
+            assert CONTROLLER.tick(wait=0.01)
+        assert len(heard) == published
+        assert bpy.ops.sdshead.stop() == {"FINISHED"}    # a change again: published at once
+        assert len(heard) == published + 1 and heard[-1].state == "stopping"
+    finally:
+        CONTROLLER.listeners.remove(heard.append)
+        if CONTROLLER.backend is not None:
+            CONTROLLER.backend.close(timeout=0.2)   # this fake reads no more input: no clean shutdown
+
+
 @pytest.mark.skipif(not BACKEND_PYTHON.is_file(), reason="backend environment missing")
 def test_check_backend_shows_the_doctors_answer(addon, prefs, tiny_sd_dir, tmp_path):
     prefs.backend_python, prefs.device = str(BACKEND_PYTHON), "cpu"
