@@ -2,12 +2,16 @@
 """Run the whole test suite: backend tests in .venv/, add-on tests in .venv-bpy/ (stdlib only).
 
 Each suite runs in its own environment because Blender's bpy wheel needs numpy < 2 and the
-backend needs numpy 2. The two suites run at the same time: the backend suite is mostly one
-busy core, the add-on suite mostly waits on Blender and backend subprocesses, so together they
-take little longer than the add-on suite alone. Each suite's output is printed whole when it
-ends (`--serial` runs them one after the other, streaming). Exit status is non-zero when any
-suite fails; a suite whose environment is missing is reported as SKIPPED with the reason,
-never as passed. Extra arguments go to both pytest runs.
+backend needs numpy 2. Each suite is cut in two parts and the four parts run at the same
+time: every part keeps about one core busy (tests run torch on one thread, Blender and backend
+subprocesses take turns), so on two cores the whole run takes about half the sum of the parts;
+one process per suite left a core idle while the longer suite finished. Backend part one is
+test_fit.py, part two every other file; the add-on parts are the tests marked `blender` (real
+Blender processes) and the rest, so a new test file always lands in a part. Each part's output
+is printed whole when it ends (`--serial` runs the suites whole, one after the other,
+streaming). Exit status is non-zero when any part fails; a suite whose environment is missing
+is reported as SKIPPED with the reason, never as passed. Extra arguments go to every pytest
+run; with a `-m` among them each suite runs whole, as one part.
 """
 from __future__ import annotations
 
@@ -19,10 +23,13 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SUITES = [
-    ("backend", ROOT / ".venv", ROOT / "tests" / "backend"),
-    ("add-on", ROOT / ".venv-bpy", ROOT / "tests" / "addon"),
-]
+BACKEND, ADDON = ROOT / "tests" / "backend", ROOT / "tests" / "addon"
+# suite -> (environment, folder, parts: the pytest arguments that select each part)
+SUITES = {
+    "backend": (ROOT / ".venv", BACKEND, [[str(BACKEND / "test_fit.py")],
+                                          [str(BACKEND), "--ignore", str(BACKEND / "test_fit.py")]]),
+    "add-on": (ROOT / ".venv-bpy", ADDON, [[str(ADDON), "-m", "blender"], [str(ADDON), "-m", "not blender"]]),
+}
 
 
 def main(argv: list[str]) -> int:
@@ -31,24 +38,29 @@ def main(argv: list[str]) -> int:
     env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONDONTWRITEBYTECODE="1")
     failed, skipped, running = [], [], []
     started = time.monotonic()
-    for name, venv, folder in SUITES:
+    whole = serial or any(arg.startswith("-m") for arg in pytest_args)   # -m, -mEXPR; not --maxfail
+    for name, (venv, folder, parts) in SUITES.items():
         python = venv / "bin" / "python"
         if not python.exists():
             reason = f"{python.relative_to(ROOT)} missing; run `python3 install.py --dev`"
             print(f"\n=== {name} tests: SKIPPED ({reason})", flush=True)
             (failed if name == "backend" else skipped).append(f"{name} ({reason})")
             continue
-        title = f"{name} tests ({python.relative_to(ROOT)} -m pytest {folder.relative_to(ROOT)})"
-        command = [str(python), "-m", "pytest", str(folder), *pytest_args]
-        if serial:
-            print(f"\n=== {title}", flush=True)
-            if subprocess.run(command, cwd=ROOT, env=env).returncode != 0:
-                failed.append(name)
-            continue
-        log = tempfile.TemporaryFile("w+", encoding="utf-8", errors="replace")
-        running.append((name, title, log, subprocess.Popen(command, cwd=ROOT, env=env, stdout=log,
-                                                           stderr=subprocess.STDOUT)))
-        print(f"=== {title}: started", flush=True)
+        for index, selection in enumerate([[str(folder)]] if whole else parts, start=1):
+            label = name if whole else f"{name} part {index}/{len(parts)}"
+            shown = " ".join(str(Path(arg).relative_to(ROOT)) if arg.startswith(str(ROOT)) else arg
+                             for arg in selection)
+            title = f"{label} tests ({python.relative_to(ROOT)} -m pytest {shown})"
+            command = [str(python), "-m", "pytest", *selection, *pytest_args]
+            if serial:
+                print(f"\n=== {title}", flush=True)
+                if subprocess.run(command, cwd=ROOT, env=env).returncode != 0:
+                    failed.append(label)
+                continue
+            log = tempfile.TemporaryFile("w+", encoding="utf-8", errors="replace")
+            running.append((label, title, log, subprocess.Popen(command, cwd=ROOT, env=env, stdout=log,
+                                                                stderr=subprocess.STDOUT)))
+            print(f"=== {title}: started", flush=True)
     while running:
         for entry in list(running):
             name, title, log, process = entry

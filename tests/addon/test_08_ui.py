@@ -20,9 +20,9 @@ pytestmark = [needs_blender, needs_backend, pytest.mark.blender, pytest.mark.slo
 def test_fit_runs_from_the_panel_with_ui_timers(tmp_path, tiny_sd_dir):
     shot = tmp_path / "panel.png"
     env = dict(os.environ, BLENDER_USER_CONFIG=str(tmp_path / "config"), BLENDER_USER_SCRIPTS=str(tmp_path / "scripts"))
-    command = ["xvfb-run", "-a", "-s", "-screen 0 1600x900x24", BLENDER, "--enable-event-simulate",
+    command = ["xvfb-run", "-a", "-s", "-screen 0 1280x720x24", BLENDER, "--enable-event-simulate",
                "--factory-startup", "-P", str(HERE / "screenshot_panel.py"), "--", "--out", str(shot),
-               "--model", str(tiny_sd_dir), "--python", str(SERVE_PYTHON), "--steps", "25", "--at", "0.3"]
+               "--model", str(tiny_sd_dir), "--python", str(SERVE_PYTHON), "--steps", "8", "--at", "0.3"]
     # xvfb-run starts Blender as its child: on a timeout the whole group must go, or a Blender (and
     # its backend) left behind would slow every later test
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

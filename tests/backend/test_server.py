@@ -87,7 +87,7 @@ def server(tmp_path):
     process.close()
 
 
-def test_fit_progress_texture_stop_second_fit_shutdown(server, tiny_sd_dir, tmp_path):
+def test_fit_progress_texture_busy_stop_second_fit_shutdown(server, tiny_sd_dir, tmp_path):
     # 1. a full fit with both stages: progress events, texture events, one done
     config = dict(FAST, stages=["shape", "texture"], shape_steps=4, texture_steps=4, texture_every=2)
     server.send("fit", id="first", prompt="an old man", model=str(tiny_sd_dir), config=config, job_dir=str(tmp_path / "a"))
@@ -106,9 +106,18 @@ def test_fit_progress_texture_stop_second_fit_shutdown(server, tiny_sd_dir, tmp_
     assert done["weights"] == progress[-1]["weights"]
     assert {"weights", "texture", "glb", "gif"} <= set(done["outputs"])
 
-    # 2. stop mid-run: the fit ends within one iteration of the stop arriving
+    # 2. a fit asked for while one runs is refused, and the running one goes on
     server.send("fit", id="second", prompt="a young woman", model=str(tiny_sd_dir), config=FAST,
                 job_dir=str(tmp_path / "b"))
+    server.until("progress")
+    server.send("fit", id="eager", prompt="a man", model=str(tiny_sd_dir), config=FAST, job_dir=str(tmp_path / "e"))
+    reply = server.next()
+    while reply["type"] == "progress":
+        reply = server.next()
+    assert reply["type"] == "error" and reply["kind"] == "busy" and reply["id"] == "eager"
+    assert not (tmp_path / "e").exists()
+
+    # 3. stop mid-run: the fit ends within one iteration of the stop arriving
     last_seen, _ = server.until("progress")
     while last_seen["iteration"] < 3:
         last_seen = server.next()
@@ -123,7 +132,7 @@ def test_fit_progress_texture_stop_second_fit_shutdown(server, tiny_sd_dir, tmp_
     assert last_seen["iteration"] <= done["iterations"] <= last_seen["iteration"] + 2
     assert done["iterations"] < FAST["shape_steps"]
 
-    # 3. the same process serves another fit after a stop
+    # 4. the same process serves another fit after a stop
     server.send("fit", id="third", prompt="a child", model=str(tiny_sd_dir), config=dict(FAST, shape_steps=2),
                 job_dir=str(tmp_path / "c"), outputs=["weights"])
     done, _ = server.until("done")
@@ -132,7 +141,7 @@ def test_fit_progress_texture_stop_second_fit_shutdown(server, tiny_sd_dir, tmp_
     assert set(done["outputs"]) == {"weights"}
     assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["weights.json"]
 
-    # 4. shutdown during a fit: the fit stops, reports exactly one done, and the process exits 0
+    # 5. shutdown during a fit: the fit stops, reports exactly one done, and the process exits 0
     server.send("fit", id="fourth", prompt="a child", model=str(tiny_sd_dir), config=dict(FAST, shape_steps=500),
                 job_dir=str(tmp_path / "d"), outputs=[])
     server.until("progress")
@@ -229,20 +238,6 @@ def test_fifty_malformed_inputs_each_get_an_error(server, tiny_sd_dir, tmp_path)
                 job_dir=str(tmp_path / "ok"))
     done, seen = server.until("done")
     assert done["id"] == "after" and not any(m["type"] == "error" for m in seen)
-
-
-def test_fit_while_busy_is_refused(server, tiny_sd_dir, tmp_path):
-    server.send("fit", id="long", prompt="a man", model=str(tiny_sd_dir), config=dict(FAST, shape_steps=200),
-                job_dir=str(tmp_path / "long"))
-    server.until("progress")
-    server.send("fit", id="eager", prompt="a man", model=str(tiny_sd_dir), config=FAST, job_dir=str(tmp_path / "e"))
-    reply = server.next()
-    while reply["type"] == "progress":
-        reply = server.next()
-    assert reply["type"] == "error" and reply["kind"] == "busy" and reply["id"] == "eager"
-    server.send("stop")
-    done, _ = server.until("done")
-    assert done["id"] == "long" and done["stopped"]
 
 
 def test_end_of_input_shuts_down(tmp_path):
