@@ -13,8 +13,8 @@ used as it is; the CPU index is an extra source, never the only one.
 
 pip installs with --no-compile; importing the backend once afterwards writes the .pyc files
 a fit needs (see precompile). With --dev, the bpy environment and Debian's packages are set up
-in background threads while the backend installs; their output goes to a log that is printed
-if they fail.
+in background threads while the backend installs, and the tests' tiny model is built once the
+backend is there; their output goes to a log that is printed if they fail.
 """
 from __future__ import annotations
 
@@ -306,12 +306,11 @@ def main(argv: list[str] | None = None) -> int:
     failures = []
     try:
         py = ensure_venv(VENV, sys.executable)
-        if install_torch(py):    # torch's .pyc files are written while pip fetches the rest
-            compiling = InBackground("torch's .pyc files", lambda log: precompile(py, "torch", "import torch", log))
-            installed = install_backend(py, args.dev)
+        compiling = (InBackground("torch's .pyc files", lambda log: precompile(py, "torch", "import torch", log))
+                     if install_torch(py) else None)   # written while pip fetches the rest
+        installed = install_backend(py, args.dev)
+        if compiling is not None:
             compiling.join()
-        else:
-            installed = install_backend(py, args.dev)
         if installed:
             precompile(py, "the backend", BACKEND_IMPORTS + ("; import pytest" if args.dev else ""))
         if args.dev:
