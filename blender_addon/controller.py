@@ -320,13 +320,16 @@ class FitController:
             obj = self._head(job)
         if update.progress is not None:
             p = update.progress
-            self._apply_weights(job, obj, p["weights"])
             status.stage, status.iteration, status.total = p["stage"], p["iteration"], p["total"]
             status.loss, status.seconds = p["loss"], p["seconds"]
-            status.updates_applied += 1
+            if p["stage"] == "loading":     # a heartbeat while the model loads: news for the panel only
+                message = f"loading the model ({p['seconds']:.0f} s)"
+            else:
+                self._apply_weights(job, obj, p["weights"])
+                status.updates_applied += 1
+                message = f"{p['stage']} {p['iteration']}/{p['total']}"
             if status.state in ("starting", "running"):
-                status.state = "running"
-                status.message = f"{p['stage']} {p['iteration']}/{p['total']}"
+                status.state, status.message = "running", message
         if update.texture is not None and update.done is None:
             path = update.texture["path"]
             if update.texture_data is None and not os.path.isfile(path):

@@ -6,6 +6,7 @@ Run as the "backend Python" through a wrapper script, so it receives `-u -m sds_
     garbage    hello, two progress events, then a line that is not JSON
     crash      hello, two progress events, a traceback on stderr, exit code 3
     hang       hello, one progress event, then silence (never ends by itself)
+    loading    hello, one "loading" heartbeat (weights not the fit's own), then silence
     nohello    says nothing at all
     badproto   hello with protocol version 99
     slow       hello, then progress every 50 ms forever; honours stop/shutdown (a child sleeps too)
@@ -85,6 +86,10 @@ def main() -> None:
         sys.exit(3)
     if MODE == "hang":
         progress(fit, 1)
+        time.sleep(3600)
+    if MODE == "loading":
+        send("progress", id=fit["id"], iteration=0, total=1000, stage="loading", loss=None, t=None,
+             weights=[w + 1.0 for w in fit.get("initial_weights") or []], seconds=5.0)
         time.sleep(3600)
     if MODE == "stubborn":
         import signal

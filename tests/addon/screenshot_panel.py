@@ -78,7 +78,7 @@ def setup() -> None:
     settings.stage_shape, settings.stage_texture = True, not args.shape_only
     settings.shape_steps = settings.texture_steps = args.steps
     settings.render_size, settings.texture_size = 64, 256
-    settings.event_every, settings.texture_every = 1, 5
+    settings.event_every, settings.texture_every = 1, max(1, min(5, args.steps // 4))
     bpy.context.preferences.view.ui_scale = 1.0
     log(f"head '{head.name}' ready")
 
@@ -125,10 +125,9 @@ def step():
     if phase == "wait":
         status = CONTROLLER.status
         if status.state == "failed" or not CONTROLLER.busy and status.state != "running":
-            log(f"fit ended early: {status.state} {status.last_error}")
-            shoot()
-            bpy.ops.wm.quit_blender()
-            return None
+            log(f"fit ended before the shot: {status.state} {status.last_error}")   # a fast machine
+            state["step"] = "shoot"
+            return 0.6
         if status.total and status.iteration >= args.at * status.total and (status.textures_applied or args.shape_only):
             state["step"] = "shoot"
             return 0.6  # let the viewport and the panel redraw with this update
@@ -147,7 +146,9 @@ def step():
     if phase == "quit":
         if CONTROLLER.busy and time.monotonic() - state["t0"] < 600:
             return 0.2
-        log(f"final state: {CONTROLLER.status.state} {CONTROLLER.status.message} {CONTROLLER.status.last_error}")
+        status = CONTROLLER.status
+        log(f"final state: {status.state} updates {status.updates_applied} textures {status.textures_applied} "
+            f"{status.message} {status.last_error}")
         bpy.ops.wm.quit_blender()
     return None
 

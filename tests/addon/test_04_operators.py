@@ -241,6 +241,27 @@ def test_ticks_with_nothing_new_leave_the_panel_alone(head, prefs, fake_backend)
             CONTROLLER.backend.close(timeout=0.2)   # this fake reads no more input: no clean shutdown
 
 
+def test_a_loading_heartbeat_leaves_the_head_alone(head, prefs, fake_backend):
+    """While the model loads the backend sends "loading" progress every few seconds: the panel
+    shows how long it has been loading; the head and the count of applied updates stay as they
+    are (a test waiting for two updates must not take two heartbeats for a fit under way)."""
+    from blender_addon import scene
+    from blender_addon.controller import CONTROLLER
+
+    obj, names, weights = head
+    prefs.backend_python = fake_backend("loading")
+    try:
+        assert bpy.ops.sdshead.fit() == {"FINISHED"}
+        assert wait_until(lambda: CONTROLLER.tick(wait=0.05) and CONTROLLER.status.stage == "loading", 20)
+        status = CONTROLLER.status
+        assert (status.state, status.message, status.total) == ("running", "loading the model (5 s)", 1000)
+        assert status.updates_applied == 0
+        assert scene.read_weights(obj, names) == weights
+    finally:
+        if CONTROLLER.backend is not None:
+            CONTROLLER.backend.close(timeout=0.2)
+
+
 @pytest.mark.skipif(not BACKEND_PYTHON.is_file(), reason="backend environment missing")
 def test_check_backend_shows_the_doctors_answer(addon, prefs, tiny_sd_dir, tmp_path):
     prefs.backend_python, prefs.device = str(BACKEND_PYTHON), "cpu"

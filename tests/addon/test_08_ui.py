@@ -37,5 +37,6 @@ def test_fit_runs_from_the_panel_with_ui_timers(tmp_path, tiny_sd_dir):
     assert process.returncode == 0, log[-3000:]
     assert "[screenshot] fit: {'FINISHED'}" in log
     assert shot.is_file() and shot.stat().st_size > 50_000          # a real window, not a blank image
-    final = re.search(r"\[screenshot\] final state: (\w+)", log)
+    final = re.search(r"\[screenshot\] final state: (\w+) updates (\d+) textures (\d+)", log)
     assert final and final.group(1) in ("stopped", "done"), log[-3000:]
+    assert int(final.group(2)) >= 1 and int(final.group(3)) >= 1, log[-3000:]   # the head changed live
