@@ -316,8 +316,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.dev:
             cache_head_source(py)
             background.append(InBackground("the tests' tiny model", lambda log: run(
-                "build the tiny random Stable Diffusion the tests load (cached per machine; ~1 min of both "
-                "cores the first time)", [py, "-m", "sds_backend", "make-tiny-sd"], log, cwd=ROOT)))
+                "build the tiny random Stable Diffusion the tests load (cached per machine; seconds)", [py, "-m", "sds_backend", "make-tiny-sd"], log, cwd=ROOT)))
     except StepFailed as exc:
         failures.append(exc)
     for work in background:  # always waited for: never leave apt-get or pip half-way

@@ -11,11 +11,11 @@ encoder's Jacobian, and a random encoder (tiny widths, a GroupNorm in front of e
 scrambles colour and normalises contrast away, so no texture could be recovered through it. The
 real SD VAE is a trained autoencoder whose latents carry the image; to a good approximation each
 latent pixel is a linear function of the colour of its 8x8 block (the well-known latent -> RGB
-preview factors). The tiny VAE gets that property from a short fit (`_fit_vae`, seconds on a
-CPU): its encoder learns to put the mean colour of each 8x8 block into the latent, along SD's
-colour directions with equal gains (so no colour is much harder to recover than another), and
-its decoder then learns to invert the encoder. The fit is seeded, so the same seed gives the
-same model (on the same machine and thread count).
+preview factors). The tiny VAE has exactly that property, by construction (`_colour_code_vae`):
+its encoder puts the mean colour of each 8x8 block into the latent along SD's colour directions
+with equal gains (so no colour is harder to recover than another), and its decoder inverts that
+code block by block. No training: the same seed gives the same model on every machine, in
+about a second.
 """
 from __future__ import annotations
 
@@ -47,10 +47,10 @@ def build_tokenizer():
 
 
 def build_pipeline(seed: int = 0, text_hidden: int = 32, unet_channels: tuple[int, ...] = (32, 64),
-                   vae_fit_steps: int = 800):
-    """Tiny StableDiffusionPipeline on CPU in float32 (random UNet/text encoder, briefly fitted VAE).
+                   colour_vae: bool = True):
+    """Tiny StableDiffusionPipeline on CPU in float32 (random UNet/text encoder, colour-code VAE).
 
-    vae_fit_steps: encoder steps of `_fit_vae` (the decoder gets a quarter); 0 leaves the VAE random.
+    colour_vae=False leaves the VAE random.
     """
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -71,16 +71,16 @@ def build_pipeline(seed: int = 0, text_hidden: int = 32, unet_channels: tuple[in
         cross_attention_dim=text_hidden, attention_head_dim=4,
     )
     torch.manual_seed(seed + 2)
-    # four blocks -> three downsamplings: 8x, like the real SD VAE; 4 channels per norm group
-    # (2 in the first block) like SD's 128 / 32
+    # four blocks -> three downsamplings: 8x, like the real SD VAE; one norm group, so that each
+    # GroupNorm has room for the channels `_colour_code_vae` needs
     vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=4,
+        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=1,
         block_out_channels=(8, 16, 16, 16),
         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
         sample_size=256, scaling_factor=0.18215,
     )
-    if vae_fit_steps:
-        _fit_vae(vae, vae_fit_steps, seed)
+    if colour_vae:
+        _colour_code_vae(vae)
     scheduler = DDIMScheduler(**SD_SCHEDULER_CONFIG)
     return StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
@@ -98,84 +98,85 @@ def latent_colour_code() -> torch.Tensor:
     return u @ vh
 
 
-def _training_images(count: int, size: int, generator: torch.Generator) -> torch.Tensor:
-    """[count, 3, size, size] in [-1, 1]: smooth random colour fields (2 to 16 cells across);
-    the smoother half as an ellipse on a black or grey background, like a head render."""
-    import torch.nn.functional as F
-
-    cells = (2, 4, 8, 16)
-    grids = [torch.rand(count // len(cells), 3, c, c, generator=generator) for c in cells]
-    images = torch.cat([F.interpolate(g, size=size, mode="bilinear", align_corners=False) for g in grids])
-    half = count // 2
-    axis = torch.linspace(-1, 1, size)
-    centre = torch.rand(half, 2, 1, 1, generator=generator) * 0.6 - 0.3
-    radius = torch.rand(half, 2, 1, 1, generator=generator) * 0.5 + 0.4
-    inside = (((axis.view(1, 1, -1) - centre[:, 0]) / radius[:, 0]) ** 2
-              + ((axis.view(1, -1, 1) - centre[:, 1]) / radius[:, 1]) ** 2 < 1).float()[:, None]
-    is_grey = torch.rand(half, 1, 1, 1, generator=generator) < 0.5
-    background = is_grey * torch.rand(half, 1, 1, 1, generator=generator)
-    images[:half] = images[:half] * inside + background * (1 - inside)
-    return images * 2 - 1
+_CARRIER = 100.0   # the constant channels that fix each GroupNorm's statistics (see below)
 
 
-def _fit_vae(vae, steps: int, seed: int, size: int = 64, batch: int = 8) -> None:
-    """Fit the encoder to `latent_colour_code` (`steps` steps), then the decoder to invert it.
+def _colour_code_vae(vae) -> None:
+    """Set the VAE's weights so that encode = `latent_colour_code` of each 8x8 block's mean colour
+    (scaled latents; the posterior mean) and decode = the block colours back, upsampled 8x nearest.
 
-    Every residual branch (ResNet conv2, attention output) starts at zero, so each block starts
-    as the identity and the encoder as a near-linear chain of strided convolutions. From the
-    default random start the same fit leaves ~20% latent error on head renders and colours the
-    oracle texture test cannot recover (15 dB); from this start, ~6%. Adam with a cosine decay to
-    0; a higher rate or fewer steps fails for some seeds. Runs in channels_last (faster on a CPU).
+    Every residual branch (ResNet conv2, attention output) is zero, so each block is the identity
+    (or its 1x1 shortcut); the downsampling convs take the mean of each 2x2 block and the
+    upsampling convs pass the nearest pixel through. What is left is a linear chain but for the
+    final GroupNorm and SiLU of each half. The chain carries each colour c twice, as +c and -c,
+    next to two constant channels +K and -K: the group mean is then exactly 0 and its variance
+    K^2/4 (decoder) or K^2/8 (encoder) up to (c/K)^2 ~ 1e-4, so the norm is a fixed scale, and
+    silu(c) - silu(-c) = c exactly, so the SiLU is undone by the output conv.
     """
-    import math
-
-    import torch.nn.functional as F
+    import torch.nn as nn
     from diffusers.models.attention_processor import Attention
     from diffusers.models.resnet import ResnetBlock2D
+
+    code = latent_colour_code()                               # [4, 3]
+    scale = vae.config.scaling_factor
+    carry = torch.cat([torch.eye(3), -torch.eye(3)])          # colour -> (+c, -c) channels [6, 3]
+
+    def centre_tap(conv: nn.Conv2d, matrix: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        """conv = a 1x1 map by `matrix` [out, in'] (in' <= in), from the kernel's centre (or sole) tap."""
+        conv.weight.zero_()
+        k = conv.kernel_size[0] // 2
+        conv.weight[:matrix.shape[0], :matrix.shape[1], k, k] = matrix
+        conv.bias.zero_()
+        if bias is not None:
+            conv.bias[:bias.shape[0]] = bias
+
+    def carrier_bias(channels: int) -> torch.Tensor:
+        bias = torch.zeros(channels)
+        bias[6], bias[7] = _CARRIER, -_CARRIER
+        return bias
+
+    def fixed_norm(norm: nn.GroupNorm) -> None:
+        """The norm's output: the colour channels back at unit scale, the carriers (and the rest) 0."""
+        std = _CARRIER * (2.0 / norm.num_channels) ** 0.5    # the carriers' share of the variance
+        norm.weight.zero_()
+        norm.weight[:6] = std
+        norm.bias.zero_()
 
     with torch.no_grad():
         for module in vae.modules():
             if isinstance(module, ResnetBlock2D):
                 module.conv2.weight.zero_()
                 module.conv2.bias.zero_()
+                if module.conv_shortcut is not None:      # a change of width: keep the first channels
+                    shortcut = module.conv_shortcut
+                    centre_tap(shortcut, torch.eye(shortcut.out_channels, shortcut.in_channels))
             elif isinstance(module, Attention):
                 module.to_out[0].weight.zero_()
                 module.to_out[0].bias.zero_()
-    code = latent_colour_code()
-    scale = vae.config.scaling_factor
-    generator = torch.Generator().manual_seed(seed + 3)
-    vae.to(memory_format=torch.channels_last).train()
-
-    def images(count: int) -> torch.Tensor:
-        return _training_images(count, size, generator).contiguous(memory_format=torch.channels_last)
-
-    def run(params, lr: float, count: int, loss_of) -> None:
-        optimizer = torch.optim.Adam(params, lr=lr)
-        for step in range(count):
-            for group in optimizer.param_groups:
-                group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / count))
-            loss = loss_of()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-
-    def encoder_loss() -> torch.Tensor:
-        x = images(batch)
-        z = vae.encode(x).latent_dist.mean * scale
-        return F.mse_loss(z, torch.einsum("lc,bchw->blhw", code, F.avg_pool2d(x, 8)))
-
-    def decoder_loss() -> torch.Tensor:
-        x = images(batch // 2)
-        with torch.no_grad():
-            z = vae.encode(x).latent_dist.mean
-        return F.mse_loss(vae.decode(z).sample, x)
-
-    encoder = [*vae.encoder.parameters(), *vae.quant_conv.parameters()]
-    run(encoder, 2e-3, steps, encoder_loss)
-    for p in encoder:
-        p.requires_grad_(False)
-    run([*vae.decoder.parameters(), *vae.post_quant_conv.parameters()], 5e-3, steps // 4, decoder_loss)
-    vae.requires_grad_(True).eval().to(memory_format=torch.contiguous_format)
+        encoder, decoder = vae.encoder, vae.decoder
+        # encoder: pixels x in [-1, 1] -> (+x, -x, K, -K) -> 2x2 means (three times) -> norm -> silu
+        centre_tap(encoder.conv_in, carry, carrier_bias(encoder.conv_in.out_channels))
+        for block in encoder.down_blocks:
+            for down in block.downsamplers or []:
+                # the encoder pads right and bottom by one, then a 3x3 stride-2 conv: the top-left
+                # 2x2 taps see exactly the 2x2 block (even sizes never reach the padding)
+                conv = down.conv
+                conv.weight.zero_()
+                conv.bias.zero_()
+                conv.weight[:, :, :2, :2] = torch.eye(conv.out_channels, conv.in_channels)[:, :, None, None] / 4
+        fixed_norm(encoder.conv_norm_out)
+        moments = torch.zeros(8, encoder.conv_out.in_channels)
+        moments[:4, :6] = code @ carry.T / scale                   # silu(+c) - silu(-c) = c
+        centre_tap(encoder.conv_out, moments, torch.tensor([0.0] * 4 + [-20.0] * 4))  # log-variance -20
+        centre_tap(vae.quant_conv, torch.eye(8))
+        # decoder: latents -> colours (code^T code = I) -> (+c, -c, K, -K) -> nearest 8x -> norm -> silu
+        centre_tap(vae.post_quant_conv, torch.eye(4))
+        centre_tap(decoder.conv_in, carry @ code.T * scale, carrier_bias(decoder.conv_in.out_channels))
+        for block in decoder.up_blocks:
+            for up in block.upsamplers or []:
+                centre_tap(up.conv, torch.eye(up.conv.out_channels, up.conv.in_channels))
+        fixed_norm(decoder.conv_norm_out)
+        centre_tap(decoder.conv_out, carry.T)
 
 
 def save_tiny_sd(folder: str | Path, seed: int = 0) -> Path:
@@ -202,8 +203,8 @@ def cached_tiny_sd(seed: int = 0) -> Path:
     if (folder / "model_index.json").exists():
         return folder
     root.mkdir(parents=True, exist_ok=True)
-    # one builder at a time (a build takes about a minute of both cores): parallel test processes
-    # on a fresh machine wait for the first one instead of each building the same model
+    # one builder at a time: parallel test processes on a fresh machine wait for the first one
+    # instead of each writing the same model
     with _exclusive_lock(root / f".{folder.name}.lock"):
         if (folder / "model_index.json").exists():
             return folder

@@ -10,7 +10,7 @@ import pytest
 def tiny_sd_dir():
     """A tiny SD pipeline saved with save_pretrained, loaded like a real model folder.
 
-    Built once per machine into the user cache (a fitted tiny VAE takes a few seconds to make).
+    Built once per machine into the user cache (about a second to make, plus the imports).
     """
     from sds_backend.tiny_sd import cached_tiny_sd
 

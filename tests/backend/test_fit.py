@@ -124,8 +124,8 @@ def test_oracle_fit_recovers_texture(pipeline):
 
     assert psnr(fitter.texture_image(fitter.initial_state())) < 12     # not the starting texture
     result = fitter.run("anything")
-    # ~29.7 dB (the tiny VAE's encoder carries colour, see tiny_sd._fit_vae; through the earlier
-    # reconstruction-only tiny VAE this fit stalled at ~15 dB)
+    # ~30 dB (the tiny VAE's encoder carries colour, see tiny_sd._colour_code_vae; through a
+    # random or reconstruction-only tiny VAE this fit stalls at ~15 dB)
     assert psnr(result.texture) >= 25, psnr(result.texture)
 
 

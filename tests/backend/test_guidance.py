@@ -297,6 +297,25 @@ def test_encode_decode_shapes_range_and_gradient(tiny_sd_dir):
     assert all(not p.requires_grad for p in pipe.vae.parameters())  # frozen: no grads into the model
 
 
+def test_tiny_vae_encodes_the_colour_of_each_8x8_block_and_decodes_it_back(tiny_sd_dir):
+    """The property the oracle fits rely on (tiny_sd._colour_code_vae): scaled latents are the
+    colour code of each block's mean colour, and decoding gives the block colours back."""
+    import torch.nn.functional as F
+
+    from sds_backend.tiny_sd import latent_colour_code
+
+    vae = tiny_pipeline(tiny_sd_dir).vae
+    gen = torch.Generator().manual_seed(4)
+    blocks = torch.rand(2, 3, 8, 8, generator=gen) * 2 - 1               # saturated colours too
+    x = F.interpolate(blocks, scale_factor=8, mode="nearest") + 0.1 * torch.randn(2, 3, 64, 64, generator=gen)
+    with torch.no_grad():
+        latents = vae.encode(x).latent_dist.mean * vae.config.scaling_factor
+        decoded = vae.decode(latents / vae.config.scaling_factor).sample
+    expected = torch.einsum("lc,bchw->blhw", latent_colour_code(), F.avg_pool2d(x, 8))
+    assert rel_err(latents, expected) <= 1e-4
+    assert (decoded - F.interpolate(F.avg_pool2d(x, 8), scale_factor=8, mode="nearest")).abs().max() <= 1e-3
+
+
 def test_native_resolution_comes_from_the_model(tiny_sd_dir):
     guidance, _ = make_guidance(tiny_sd_dir, resolution=None)
     assert guidance.resolution == 256  # tiny UNet: 32² latents × 8
