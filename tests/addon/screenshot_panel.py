@@ -5,7 +5,9 @@
 
 In UI mode bpy.app.timers fire, so this script only schedules steps: set up the scene, open the
 sidebar on the "SDS Head" tab (Ctrl+wheel over the sidebar, simulated: Blender 3.4 has no API for
-the active tab), start the fit with the panel's operator, wait until it is well under way, save
+the active tab; with `--tabs 0` the panels move into the first tab instead, so Blender can run
+without --enable-event-simulate, which keeps its event loop spinning), start the fit with the
+panel's operator, wait until it is well under way, save
 the screenshot, stop the fit and quit. The add-on comes from this repository.
 """
 from __future__ import annotations
@@ -29,7 +31,8 @@ parser.add_argument("--model", required=True)
 parser.add_argument("--python", default=str(ROOT / ".venv" / "bin" / "python"))
 parser.add_argument("--prompt", default="an old sea captain, big nose")
 parser.add_argument("--at", type=float, default=0.35, help="fraction of the fit at which to shoot")
-parser.add_argument("--tabs", type=int, default=3, help="Ctrl+wheel steps from the first sidebar tab to ours")
+parser.add_argument("--tabs", type=int, default=3,
+                    help="Ctrl+wheel steps from the first sidebar tab to ours; 0: show ours in the first tab")
 parser.add_argument("--shape-only", action="store_true", help="no texture stage")
 parser.add_argument("--steps", type=int, default=60, help="iterations per stage")
 args = parser.parse_args(argv)
@@ -53,6 +56,14 @@ def view3d():
 def setup() -> None:
     module = addon_utils.enable("blender_addon", default_set=True)
     assert module is not None
+    if args.tabs == 0:
+        from blender_addon import panel
+
+        for cls in reversed(panel.CLASSES):
+            bpy.utils.unregister_class(cls)
+        for cls in panel.CLASSES:
+            cls.bl_category = "Item"
+            bpy.utils.register_class(cls)
     prefs = bpy.context.preferences.addons["blender_addon"].preferences
     prefs.backend_python, prefs.model, prefs.device = args.python, args.model, "cpu"
     window, area, region, sidebar = view3d()
@@ -84,6 +95,8 @@ def setup() -> None:
 
 
 def switch_tab() -> None:
+    if args.tabs == 0:
+        return
     window, area, region, sidebar = view3d()
     x, y = sidebar.x + sidebar.width - 8, sidebar.y + sidebar.height // 2  # over the tab strip
     window.event_simulate(type="MOUSEMOVE", value="NOTHING", x=x, y=y)
