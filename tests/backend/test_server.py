@@ -77,14 +77,49 @@ class ServerProcess:
         self.proc.wait(10)
 
 
+@pytest.fixture(scope="module")
+def _servers():
+    started: list[ServerProcess] = []
+    yield started
+    for process in started:
+        process.close()
+
+
 @pytest.fixture
-def server(tmp_path):
-    process = ServerProcess(tmp_path)
+def server(_servers, tmp_path_factory):
+    """The module's `serve` process, shared (each start costs seconds of imports and a model
+    load); after a test that shut it down the next test gets a new one."""
+    if _servers and _servers[-1].proc.poll() is None:
+        process = _servers[-1]
+        assert process.lines.empty(), process.lines.get()     # the last test read all it was sent
+        return process
+    process = ServerProcess(tmp_path_factory.mktemp("server"))
+    _servers.append(process)
     hello = process.next(60)
     assert hello["type"] == "hello" and hello["protocol"] == protocol.PROTOCOL_VERSION
     assert hello["device"] == "cpu" and hello["pid"] == process.proc.pid
-    yield process
-    process.close()
+    return process
+
+
+def test_fifty_malformed_inputs_each_get_an_error(server, tiny_sd_dir, tmp_path):
+    (tmp_path / "broken.npz").write_bytes(b"PK\x03\x04 not really a zip")
+    cases = _malformed_inputs(str(tiny_sd_dir), tmp_path)
+    assert len(cases) >= 50
+    for data, kind in cases:
+        server.send_raw(data)
+        reply = server.reply(120)
+        assert reply["type"] == "error", (data[:80], reply)
+        assert reply["kind"] == kind, (data[:80], reply)
+        assert reply["recoverable"] is True
+        assert reply["message"]
+    assert server.proc.poll() is None
+    # a stop with no fit running is not an error: nothing to stop, nothing to say
+    server.send("stop")
+    # and it still works
+    server.send("fit", id="after", prompt="a man", model=str(tiny_sd_dir), config=dict(FAST, shape_steps=1),
+                job_dir=str(tmp_path / "ok"))
+    done, seen = server.until("done")
+    assert done["id"] == "after" and not any(m["type"] == "error" for m in seen)
 
 
 def test_fit_progress_texture_busy_stop_second_fit_shutdown(server, tiny_sd_dir, tmp_path):
@@ -217,27 +252,6 @@ def _malformed_inputs(model: str, tmp_path: Path) -> list[tuple[bytes, str]]:
         (b'{"v": 1, "type": "stop", "id": ' + b"9" * 5000 + b"}\n", "bad_message"),  # int too long
     ]
     return cases
-
-
-def test_fifty_malformed_inputs_each_get_an_error(server, tiny_sd_dir, tmp_path):
-    (tmp_path / "broken.npz").write_bytes(b"PK\x03\x04 not really a zip")
-    cases = _malformed_inputs(str(tiny_sd_dir), tmp_path)
-    assert len(cases) >= 50
-    for data, kind in cases:
-        server.send_raw(data)
-        reply = server.reply(120)
-        assert reply["type"] == "error", (data[:80], reply)
-        assert reply["kind"] == kind, (data[:80], reply)
-        assert reply["recoverable"] is True
-        assert reply["message"]
-    assert server.proc.poll() is None
-    # a stop with no fit running is not an error: nothing to stop, nothing to say
-    server.send("stop")
-    # and it still works
-    server.send("fit", id="after", prompt="a man", model=str(tiny_sd_dir), config=dict(FAST, shape_steps=1),
-                job_dir=str(tmp_path / "ok"))
-    done, seen = server.until("done")
-    assert done["id"] == "after" and not any(m["type"] == "error" for m in seen)
 
 
 def test_end_of_input_shuts_down(tmp_path):
