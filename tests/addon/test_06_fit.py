@@ -140,21 +140,6 @@ def test_stop_ends_the_fit_within_one_iteration(real, head):
     assert scene.read_weights(obj, names) == before
 
 
-def test_second_fit_reuses_the_running_backend(real, head):
-    from blender_addon.controller import CONTROLLER
-
-    bpy.context.scene.sdshead.shape_steps = 1
-    assert bpy.ops.sdshead.fit() == {"FINISHED"}
-    pid = CONTROLLER.backend.pid
-    assert _run().state == "done"
-    bpy.context.scene.sdshead.seed = 7
-    assert bpy.ops.sdshead.fit() == {"FINISHED"}
-    assert CONTROLLER.backend.pid == pid
-    assert _run().state == "done"
-    assert bpy.ops.sdshead.stop_backend() == {"FINISHED"}
-    assert CONTROLLER.backend is None
-
-
 def test_model_the_backend_cannot_load_is_reported(real, head, tmp_path):
     from blender_addon import scene
 
@@ -187,3 +172,19 @@ def test_any_mesh_with_shape_keys_can_be_fitted(real, addon):
     assert status.state == "done", status.last_error
     weights = scene.read_weights(obj, ["brow", "jaw", "cheeks"])
     assert weights != [0.0, 0.0, 0.0] and weights == pytest.approx(status.weights, abs=1e-6)
+
+
+def test_second_fit_reuses_the_running_backend(real, head):
+    # last in the file: its Stop Backend ends the process the tests above share
+    from blender_addon.controller import CONTROLLER
+
+    bpy.context.scene.sdshead.shape_steps = 1
+    assert bpy.ops.sdshead.fit() == {"FINISHED"}
+    pid = CONTROLLER.backend.pid
+    assert _run().state == "done"
+    bpy.context.scene.sdshead.seed = 7
+    assert bpy.ops.sdshead.fit() == {"FINISHED"}
+    assert CONTROLLER.backend.pid == pid
+    assert _run().state == "done"
+    assert bpy.ops.sdshead.stop_backend() == {"FINISHED"}
+    assert CONTROLLER.backend is None
