@@ -58,8 +58,8 @@ def test_oracle_fit_recovers_shape_weights(pipeline):
     model = synthetic_model(10)
     # the oracle's gradient is noise-free, so a decaying rate shows how precisely the
     # pipeline (renderer, VAE, SDS gradient, optimiser) can find the target. 128² renders
-    # encoded as they are (no resize to the tiny model's 256²): ~0.4% error after 200 iterations
-    config = FitConfig(shape_steps=200, render_size=128, guidance_resolution=128, lr=0.1, lr_decay=0.1, event_every=50)
+    # encoded as they are (no resize to the tiny model's 256²): ~0.3% error after 150 iterations
+    config = FitConfig(shape_steps=150, render_size=128, guidance_resolution=128, lr=0.1, lr_decay=0.1, event_every=50)
     fitter, guidance = _oracle_fitter(pipeline, model, config)
     target = torch.randn(10, generator=torch.Generator().manual_seed(5)).clamp(-2, 2).numpy()
     oracle = OracleDenoiser(fitter, fitter.initial_state(target))
@@ -78,13 +78,13 @@ def test_oracle_fit_recovers_the_default_heads_strongest_components(pipeline):
     head = MorphableModel.load(DEFAULT_BUNDLE)
     model = MorphableModel.from_arrays(mean=head.mean, basis=head.basis[:6], names=head.names[:6], faces=head.faces,
                                        uv=head.uv, uv_faces=head.uv_faces, meta=head.meta)
-    config = FitConfig(shape_steps=200, render_size=128, guidance_resolution=128, lr=0.1, lr_decay=0.1, event_every=50)
+    config = FitConfig(shape_steps=150, render_size=128, guidance_resolution=128, lr=0.1, lr_decay=0.1, event_every=50)
     fitter, _ = _oracle_fitter(pipeline, model, config)
     target = torch.randn(6, generator=torch.Generator().manual_seed(5)).clamp(-2, 2).numpy()
     fitter.guidance.noise_predictor = OracleDenoiser(fitter, fitter.initial_state(target))
     result = fitter.run("anything")
     relative_error = np.linalg.norm(result.weights - target) / np.linalg.norm(target)
-    assert relative_error <= 0.10, relative_error     # ~4% here
+    assert relative_error <= 0.10, relative_error     # ~6% here
 
 
 def _visible_texels(fitter: Fitter, views: int = 256) -> torch.Tensor:
@@ -106,8 +106,8 @@ def test_oracle_fit_recovers_texture(pipeline):
 
     model = synthetic_model(6)
     # the stage's defaults (pyramid texture, lr, annealed t); lit renders all around the head
-    config = FitConfig(stages=("texture",), texture_steps=200, render_size=64, texture_size=64,
-                       event_every=50, texture_every=200)
+    config = FitConfig(stages=("texture",), texture_steps=150, render_size=64, texture_size=64,
+                       event_every=50, texture_every=150)
     fitter, _ = _oracle_fitter(pipeline, model, config)
     # a smooth, colourful target far from the initial skin tone: sigmoid of an upsampled 6x6 grid
     grid = 1.5 * torch.randn(1, 3, 6, 6, generator=torch.Generator().manual_seed(7))
@@ -124,7 +124,7 @@ def test_oracle_fit_recovers_texture(pipeline):
 
     assert psnr(fitter.texture_image(fitter.initial_state())) < 12     # not the starting texture
     result = fitter.run("anything")
-    # ~30 dB (the tiny VAE's encoder carries colour, see tiny_sd._colour_code_vae; through a
+    # ~29 dB (the tiny VAE's encoder carries colour, see tiny_sd._colour_code_vae; through a
     # random or reconstruction-only tiny VAE this fit stalls at ~15 dB)
     assert psnr(result.texture) >= 25, psnr(result.texture)
 
