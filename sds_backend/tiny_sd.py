@@ -22,8 +22,10 @@ from __future__ import annotations
 import contextlib
 import string
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 # the SD 1.x/2.x noise schedule (scheduler_config.json of runwayml/stable-diffusion-v1-5)
 SD_SCHEDULER_CONFIG = dict(
@@ -52,6 +54,7 @@ def build_pipeline(seed: int = 0, text_hidden: int = 32, unet_channels: tuple[in
 
     colour_vae=False leaves the VAE random.
     """
+    import torch
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -94,6 +97,8 @@ def latent_colour_code() -> torch.Tensor:
     SD's preview factors with their singular values set to 1 (the nearest matrix with orthonormal
     columns): SD's colour directions with equal gains, and C is its own exact preview (C^T C = I).
     """
+    import torch
+
     u, _, vh = torch.linalg.svd(torch.tensor(SD_LATENT_RGB_FACTORS), full_matrices=False)
     return u @ vh
 
@@ -113,6 +118,7 @@ def _colour_code_vae(vae) -> None:
     K^2/4 (decoder) or K^2/8 (encoder) up to (c/K)^2 ~ 1e-4, so the norm is a fixed scale, and
     silu(c) - silu(-c) = c exactly, so the SiLU is undone by the output conv.
     """
+    import torch
     import torch.nn as nn
     from diffusers.models.attention_processor import Attention
     from diffusers.models.resnet import ResnetBlock2D
