@@ -13,8 +13,8 @@ used as it is; the CPU index is an extra source, never the only one.
 
 pip installs with --no-compile; importing the backend once afterwards writes the .pyc files
 a fit needs (see precompile). With --dev, the bpy environment and Debian's packages are set up
-in background threads while the backend installs, and the tests' tiny model is built once the
-backend is there; their output goes to a log that is printed if they fail.
+in background threads while the backend installs (their output goes to a log that is printed if
+they fail), and the tests' tiny model is built by the same process that imports the backend.
 """
 from __future__ import annotations
 
@@ -43,6 +43,9 @@ BPY_PYTHON = (3, 11)  # the bpy 5.0 wheel exists for CPython 3.11 only
 PIP_INSTALL = ["-m", "pip", "install", "--no-compile"]   # see precompile()
 BACKEND_IMPORTS = ("import sds_backend.server, sds_backend.fit, sds_backend.export, sds_backend.doctor; "
                    "from diffusers import StableDiffusionPipeline; from transformers import CLIPTextModel")
+# the tests' tiny model (cached per machine): its imports are the backend's, so it is built in
+# the process that imports the backend, or alone when the backend was already installed
+TINY_MODEL = "from sds_backend.tiny_sd import cached_tiny_sd; cached_tiny_sd()"
 
 
 class StepFailed(RuntimeError):
@@ -306,17 +309,24 @@ def main(argv: list[str] | None = None) -> int:
     failures = []
     try:
         py = ensure_venv(VENV, sys.executable)
-        compiling = (InBackground("torch's .pyc files", lambda log: precompile(py, "torch", "import torch", log))
-                     if install_torch(py) else None)   # written while pip fetches the rest
+        # written while pip fetches the rest; diffusers imports torch._dynamo (and sympy) too
+        compiling = (InBackground("torch's .pyc files",
+                                  lambda log: precompile(py, "torch", "import torch, torch._dynamo", log))
+                     if install_torch(py) else None)
         installed = install_backend(py, args.dev)
         if compiling is not None:
-            compiling.join()
+            try:
+                compiling.join()
+            except StepFailed as exc:   # e.g. numpy half-written by the pip beside it: only a head start
+                say(f"note: {exc}; the backend's import below writes the .pyc files instead")
         if installed:
-            precompile(py, "the backend", BACKEND_IMPORTS + ("; import pytest" if args.dev else ""))
+            precompile(py, "the backend" + (" (and build the tests' tiny model)" if args.dev else ""),
+                       BACKEND_IMPORTS + (f"; import pytest; {TINY_MODEL}" if args.dev else ""))
+        elif args.dev:
+            run("build the tiny random Stable Diffusion the tests load (cached per machine)",
+                [py, "-c", TINY_MODEL], cwd=ROOT)
         if args.dev:
             cache_head_source(py)
-            background.append(InBackground("the tests' tiny model", lambda log: run(
-                "build the tiny random Stable Diffusion the tests load (cached per machine; seconds)", [py, "-m", "sds_backend", "make-tiny-sd"], log, cwd=ROOT)))
     except StepFailed as exc:
         failures.append(exc)
     for work in background:  # always waited for: never leave apt-get or pip half-way
