@@ -6,8 +6,8 @@ backend needs numpy 2. Each suite is cut in two parts and the four parts run at 
 time: every part keeps about one core busy (tests run torch on one thread, Blender and backend
 subprocesses take turns), so on two cores the whole run takes about half the sum of the parts;
 one process per suite left a core idle while the longer suite finished. Backend part one is
-test_fit.py, part two every other file; the add-on parts are the tests marked `blender` (real
-Blender processes) and the rest, so a new test file always lands in a part. Each part's output
+test_fit.py, part two every other file; add-on part one is test_05_blender.py and test_08_ui.py
+(Blender started per test), part two every other file; so a new test file always lands in a part. Each part's output
 is printed whole when it ends (`--serial` runs the suites whole, one after the other,
 streaming). Exit status is non-zero when any part fails; a suite whose environment is missing
 is reported as SKIPPED with the reason, never as passed. Extra arguments go to every pytest
@@ -24,11 +24,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 BACKEND, ADDON = ROOT / "tests" / "backend", ROOT / "tests" / "addon"
+# the add-on files with the most Blender starts, about half the add-on suite's work
+ADDON_PART_ONE = ("test_05_blender.py", "test_08_ui.py")
 # suite -> (environment, folder, parts: the pytest arguments that select each part)
 SUITES = {
     "backend": (ROOT / ".venv", BACKEND, [[str(BACKEND / "test_fit.py")],
                                           [str(BACKEND), "--ignore", str(BACKEND / "test_fit.py")]]),
-    "add-on": (ROOT / ".venv-bpy", ADDON, [[str(ADDON), "-m", "blender"], [str(ADDON), "-m", "not blender"]]),
+    "add-on": (ROOT / ".venv-bpy", ADDON, [[str(ADDON / name) for name in ADDON_PART_ONE],
+                                           [str(ADDON), *(arg for name in ADDON_PART_ONE for arg in ("--ignore", str(ADDON / name)))]]),
 }
 
 
