@@ -217,7 +217,11 @@ def cached_tiny_sd(seed: int = 0) -> Path:
         staging = Path(tempfile.mkdtemp(dir=root, prefix=".building-"))
         try:
             save_tiny_sd(staging, seed)
-            staging.rename(folder)            # atomic: readers never see half a model
+            try:
+                staging.rename(folder)        # atomic: readers never see half a model
+            except OSError:                   # without the lock, another builder got there first
+                if not (folder / "model_index.json").exists():
+                    raise
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     return folder
