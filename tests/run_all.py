@@ -6,10 +6,10 @@ backend needs numpy 2. Each suite is cut in two parts and the four parts run at 
 time: every part keeps about one core busy (tests run torch on one thread, Blender and backend
 subprocesses take turns), so on two cores the whole run takes about half the sum of the parts;
 one process per suite left a core idle while the longer suite finished. Backend part one is
-test_fit.py, part two every other file; add-on part one is test_05_blender.py and test_08_ui.py
-(Blender started per test), part two every other file; so a new test file always lands in a part. Each part's output
-is printed whole when it ends (`--serial` runs the suites whole, one after the other,
-streaming). Exit status is non-zero when any part fails; a suite whose environment is missing
+test_fit.py, part two every other file; add-on part one is test_05_blender.py and
+test_08_ui.py (Blender started per test), part two every other file; so a new test file always
+lands in a part. Each part's output is printed whole when it ends (`--serial` runs the suites
+whole, one after the other, streaming). Exit status is non-zero when any part fails; a suite whose environment is missing
 is reported as SKIPPED with the reason, never as passed. Extra arguments go to every pytest
 run; with a `-m` among them each suite runs whole, as one part.
 """

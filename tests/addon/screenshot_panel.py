@@ -7,8 +7,8 @@ In UI mode bpy.app.timers fire, so this script only schedules steps: set up the 
 sidebar on the "SDS Head" tab (Ctrl+wheel over the sidebar, simulated: Blender 3.4 has no API for
 the active tab; with `--tabs 0` the panels move into the first tab instead, so Blender can run
 without --enable-event-simulate, which keeps its event loop spinning), start the fit with the
-panel's operator, wait until it is well under way, save
-the screenshot, stop the fit and quit. The add-on comes from this repository.
+panel's operator, wait until it is well under way, save the screenshot, stop the fit and quit.
+The add-on comes from this repository.
 """
 from __future__ import annotations
 
