@@ -6,9 +6,9 @@ backend needs numpy 2. Each suite is cut in two parts and the four parts run at 
 time: every part keeps about one core busy (tests run torch on one thread, Blender and backend
 subprocesses take turns), so on two cores the whole run takes about half the sum of the parts;
 one process per suite left a core idle while the longer suite finished. Backend part one is
-test_fit.py, part two every other file; add-on part one is test_05_blender.py and
-test_08_ui.py (Blender started per test), part two every other file; so a new test file always
-lands in a part. Each part's output is printed whole when it ends (`--serial` runs the suites
+test_fit.py, test_bench.py and test_allocator.py, part two every other file; add-on part one
+is test_05_blender.py and test_08_ui.py (Blender started per test), part two every other file;
+so a new test file always lands in a part, and each suite's two parts take about the same CPU time. Each part's output is printed whole when it ends (`--serial` runs the suites
 whole, one after the other, streaming). Exit status is non-zero when any part fails; a suite whose environment is missing
 is reported as SKIPPED with the reason, never as passed. Extra arguments go to every pytest
 run; with a `-m` among them each suite runs whole, as one part.
@@ -24,14 +24,20 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 BACKEND, ADDON = ROOT / "tests" / "backend", ROOT / "tests" / "addon"
-# the add-on files with the most Blender starts, about half the add-on suite's work
+# about half of each suite's CPU time (measured per test): the oracle fits and the bench's own,
+# and the add-on files with the most Blender starts
+BACKEND_PART_ONE = ("test_fit.py", "test_bench.py", "test_allocator.py")
 ADDON_PART_ONE = ("test_05_blender.py", "test_08_ui.py")
 # suite -> (environment, folder, parts: the pytest arguments that select each part)
+def halves(folder: Path, part_one: tuple[str, ...]) -> list[list[str]]:
+    """pytest arguments of the two parts: the files of `part_one`, and the folder without them."""
+    return [[str(folder / name) for name in part_one],
+            [str(folder), *(arg for name in part_one for arg in ("--ignore", str(folder / name)))]]
+
+
 SUITES = {
-    "backend": (ROOT / ".venv", BACKEND, [[str(BACKEND / "test_fit.py")],
-                                          [str(BACKEND), "--ignore", str(BACKEND / "test_fit.py")]]),
-    "add-on": (ROOT / ".venv-bpy", ADDON, [[str(ADDON / name) for name in ADDON_PART_ONE],
-                                           [str(ADDON), *(arg for name in ADDON_PART_ONE for arg in ("--ignore", str(ADDON / name)))]]),
+    "backend": (ROOT / ".venv", BACKEND, halves(BACKEND, BACKEND_PART_ONE)),
+    "add-on": (ROOT / ".venv-bpy", ADDON, halves(ADDON, ADDON_PART_ONE)),
 }
 
 
