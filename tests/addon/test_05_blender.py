@@ -38,8 +38,20 @@ def blender_script(tmp_path, code: str, env, factory=True, timeout=120):
     return blender(["-P", script], env, timeout=timeout, factory=factory)
 
 
+def headless(args, env, blend=None, timeout=180):
+    pre = [blend] if blend else []
+    return blender(pre + ["-P", HEADLESS, "--"] + args, env, timeout=timeout)
+
+
+def _out_args(tmp_path, synthetic_bundle):
+    return ["--out", tmp_path / "out", "--bundle", synthetic_bundle]
+
+
 @pytest.mark.parametrize("mode", ["link", "copy"])
-def test_install_into_blender_enables_the_addon_with_the_backend_path(tmp_path, blender_env, mode):
+def test_install_into_blender_enables_the_addon_and_headless_uses_it(tmp_path, blender_env, synthetic_bundle, mode):
+    """Installed, the add-on is enabled with the backend path saved. Then headless: a link install
+    is this very folder, so headless uses it and its saved preferences; a copy is another SDS
+    Head, so headless disables it for the run and uses the repository's code."""
     installer = ROOT / "blender_addon" / "install_into_blender.py"
     result = blender(["-P", installer, "--", "--addon-dir", ROOT / "blender_addon", "--backend-python",
                       "/opt/sds/.venv/bin/python", "--mode", mode], blender_env, factory=False)
@@ -64,6 +76,17 @@ def test_install_into_blender_enables_the_addon_with_the_backend_path(tmp_path, 
     assert "PYTHON /opt/sds/.venv/bin/python" in check.stdout
     assert f"PROTOCOL {expected_protocol}" in check.stdout
     assert "PANEL True" in check.stdout
+    # the copy case stops at the prompt check (the empty-prompt exit code): no backend starts
+    prompt = "a head" if mode == "link" else " "
+    result = blender(["-P", HEADLESS, "--", "--prompt", prompt] + _out_args(tmp_path, synthetic_bundle),
+                     blender_env, factory=False)
+    assert result.returncode == 3, result.stdout + result.stderr
+    if mode == "link":
+        assert "disabling" not in result.stdout
+        assert "Backend Python not found: /opt/sds/.venv/bin/python" in result.stderr   # the saved preference
+    else:
+        assert "disabling the installed add-on sds_head" in result.stdout
+        assert "error: Prompt is empty" in result.stderr
 
 
 def test_install_py_installs_into_blender_keeping_user_preferences(tmp_path, blender_env, monkeypatch):
@@ -89,21 +112,6 @@ def test_install_py_installs_into_blender_keeping_user_preferences(tmp_path, ble
     """, blender_env, factory=False)
     assert "PYTHON /opt/sds/.venv/bin/python" in check.stdout, check.stdout + check.stderr
     assert "SCALE 1.25" in check.stdout
-
-
-def headless(args, env, blend=None, timeout=180):
-    pre = [blend] if blend else []
-    return blender(pre + ["-P", HEADLESS, "--"] + args, env, timeout=timeout)
-
-
-def _out_args(tmp_path, synthetic_bundle):
-    return ["--out", tmp_path / "out", "--bundle", synthetic_bundle]
-
-
-def test_headless_empty_prompt_exits_3(tmp_path, blender_env, synthetic_bundle):
-    result = headless(["--prompt", "  "] + _out_args(tmp_path, synthetic_bundle), blender_env)
-    assert result.returncode == 3, result.stdout + result.stderr
-    assert "error: Prompt is empty" in result.stderr
 
 
 def test_headless_mesh_without_shape_keys_exits_3(tmp_path, blender_env, synthetic_bundle):
@@ -184,21 +192,3 @@ def test_quitting_blender_mid_fit_ends_the_backend(tmp_path, blender_env, synthe
     assert wait_until(lambda: pid_gone(pid), 5), "backend outlived Blender"
 
 
-@pytest.mark.parametrize("mode", ["link", "copy"])
-def test_headless_with_the_addon_installed(tmp_path, blender_env, synthetic_bundle, mode):
-    """A link install is this very folder: headless uses it and its saved preferences. A copy is
-    another SDS Head: headless disables it for the run and uses the repository's code."""
-    installer = ROOT / "blender_addon" / "install_into_blender.py"
-    done = blender(["-P", installer, "--", "--addon-dir", ROOT / "blender_addon", "--backend-python",
-                    "/opt/installed/python", "--mode", mode], blender_env, factory=False)
-    assert done.returncode == 0, done.stderr
-    prompt = "a head" if mode == "link" else " "   # the copy case stops at the prompt check: no backend starts
-    result = blender(["-P", HEADLESS, "--", "--prompt", prompt] + _out_args(tmp_path, synthetic_bundle),
-                     blender_env, factory=False)
-    assert result.returncode == 3, result.stdout + result.stderr
-    if mode == "link":
-        assert "disabling" not in result.stdout
-        assert "Backend Python not found: /opt/installed/python" in result.stderr   # the saved preference
-    else:
-        assert "disabling the installed add-on sds_head" in result.stdout
-        assert "Prompt is empty" in result.stderr
