@@ -137,29 +137,16 @@ class Installer:
         self.uv = uv
 
     def install(self, step: str, py: Path, packages: list[str], log=None, **kwargs) -> None:
-        pip = [py, *PIP_INSTALL, *packages]
-        if self.uv is None:
-            run(step, pip, log, **kwargs)
-            return
-        try:
-            run(step, [self.uv, "pip", "install", "--python", py, *packages], log, **kwargs)
-        except StepFailed as exc:
-            if not succeeds([py, "-c", "import pip"]):
-                raise   # an environment uv made has no pip to fall back on
-            say(f"{exc}; trying again with pip")
-            run(f"{step} (with pip)", pip, log, **kwargs)
+        self._uv_else_pip(step, py, [*PIP_INSTALL, *packages], log, kwargs, lambda: run(
+            step, [self.uv, "pip", "install", "--python", py, *packages], log, **kwargs))
 
     def install_as_pip_picks(self, step: str, py: Path, name: str, requirement: str,
                              pip_options: list[str], reinstall: bool) -> None:
         """`requirement`, the wheel pip picks from this machine's pip configuration (find-links,
         indexes) and `pip_options`. With uv, pip only downloads that wheel and uv installs it with
         its dependencies: torch's CPU build takes 8 s so, against 15 s for pip alone (24 s beside
-        the bpy install). A failure on that road is retried with pip alone."""
-        pip = [py, *PIP_INSTALL, requirement, *(["--force-reinstall"] if reinstall else []), *pip_options]
-        if self.uv is None:
-            run(step, pip)
-            return
-        try:
+        the bpy install)."""
+        def with_uv() -> None:
             with tempfile.TemporaryDirectory(prefix="sds-head-wheel-") as folder:
                 run(f"{step}: download the wheel pip picks",
                     [py, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "--dest", folder,
@@ -167,9 +154,23 @@ class Installer:
                 # by name from that folder, not by file: the environment records no throw-away path
                 run(f"{step}: install it with uv", [self.uv, "pip", "install", "--python", py, "--find-links", folder,
                                                     requirement, *(["--reinstall-package", name] if reinstall else [])])
-        except StepFailed as exc:
-            say(f"{exc}; trying again with pip alone")
-            run(step, pip)
+
+        pip = [*PIP_INSTALL, requirement, *(["--force-reinstall"] if reinstall else []), *pip_options]
+        self._uv_else_pip(step, py, pip, None, {}, with_uv)
+
+    def _uv_else_pip(self, step: str, py: Path, pip_args: list[str], log, kwargs: dict, with_uv) -> None:
+        """`with_uv()` where there is uv; pip (`py pip_args`) where there is not, or where uv failed
+        in an environment that has pip."""
+        if self.uv is not None:
+            try:
+                with_uv()
+                return
+            except StepFailed as exc:
+                if not succeeds([py, "-c", "import pip"]):
+                    raise   # an environment uv made has no pip to fall back on
+                say(f"{exc}; trying again with pip")
+                step = f"{step} (with pip)"
+        run(step, [py, *pip_args], log, **kwargs)
 
 
 def uv_path(py: Path) -> Path:
