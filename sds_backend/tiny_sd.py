@@ -118,7 +118,8 @@ def _colour_code_vae(vae) -> None:
     upsampling convs pass the nearest pixel through. What is left is a linear chain but for the
     final GroupNorm and SiLU of each half. The chain carries each colour c twice, as +c and -c,
     next to two constant channels +K and -K: the group mean is then exactly 0 and its variance
-    K^2/4 (decoder) or K^2/8 (encoder) up to (c/K)^2 ~ 1e-4, so the norm is a fixed scale, and
+    2K^2/C for C channels (K^2/4 at the tiny VAE's eight) up to (c/K)^2 ~ 1e-4, so the norm is a
+    fixed scale, and
     silu(c) - silu(-c) = c exactly, so the SiLU is undone by the output conv.
     """
     import torch
