@@ -8,8 +8,9 @@ subprocesses take turns), so on two cores the whole run takes about half the sum
 one process per suite left a core idle while the longer suite finished. Backend part one is
 test_fit.py, test_bench.py and test_allocator.py, part two every other file; add-on part one
 is test_05_blender.py and test_08_ui.py (Blender started per test), part two every other file;
-so a new test file always lands in a part, and each suite's two parts take about the same CPU time. Each part's output is printed whole when it ends (`--serial` runs the suites
-whole, one after the other, streaming). Exit status is non-zero when any part fails; a suite whose environment is missing
+so a new test file always lands in a part, and each suite's two parts take about the same CPU
+time. Each part's output is printed whole when it ends (`--serial` runs the suites whole, one
+after the other, streaming). Exit status is non-zero when any part fails; a suite whose environment is missing
 is reported as SKIPPED with the reason, never as passed. Extra arguments go to every pytest
 run; with a `-m` among them each suite runs whole, as one part.
 """
@@ -28,13 +29,15 @@ BACKEND, ADDON = ROOT / "tests" / "backend", ROOT / "tests" / "addon"
 # and the add-on files with the most Blender starts
 BACKEND_PART_ONE = ("test_fit.py", "test_bench.py", "test_allocator.py")
 ADDON_PART_ONE = ("test_05_blender.py", "test_08_ui.py")
-# suite -> (environment, folder, parts: the pytest arguments that select each part)
+
+
 def halves(folder: Path, part_one: tuple[str, ...]) -> list[list[str]]:
     """pytest arguments of the two parts: the files of `part_one`, and the folder without them."""
     return [[str(folder / name) for name in part_one],
             [str(folder), *(arg for name in part_one for arg in ("--ignore", str(folder / name)))]]
 
 
+# suite -> (environment, folder, parts: the pytest arguments that select each part)
 SUITES = {
     "backend": (ROOT / ".venv", BACKEND, halves(BACKEND, BACKEND_PART_ONE)),
     "add-on": (ROOT / ".venv-bpy", ADDON, halves(ADDON, ADDON_PART_ONE)),

@@ -38,9 +38,9 @@ def blender_script(tmp_path, code: str, env, factory=True, timeout=120):
     return blender(["-P", script], env, timeout=timeout, factory=factory)
 
 
-def headless(args, env, blend=None, timeout=180):
+def headless(args, env, blend=None, timeout=180, factory=True):
     pre = [blend] if blend else []
-    return blender(pre + ["-P", HEADLESS, "--"] + args, env, timeout=timeout)
+    return blender(pre + ["-P", HEADLESS, "--"] + args, env, timeout=timeout, factory=factory)
 
 
 def _out_args(tmp_path, synthetic_bundle):
@@ -78,8 +78,7 @@ def test_install_into_blender_enables_the_addon_and_headless_uses_it(tmp_path, b
     assert "PANEL True" in check.stdout
     # the copy case stops at the prompt check (the empty-prompt exit code): no backend starts
     prompt = "a head" if mode == "link" else " "
-    result = blender(["-P", HEADLESS, "--", "--prompt", prompt] + _out_args(tmp_path, synthetic_bundle),
-                     blender_env, factory=False)
+    result = headless(["--prompt", prompt] + _out_args(tmp_path, synthetic_bundle), blender_env, factory=False)
     assert result.returncode == 3, result.stdout + result.stderr
     if mode == "link":
         assert "disabling" not in result.stdout
