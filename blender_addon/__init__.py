@@ -6,8 +6,8 @@ Blender 3.4+ reads `bl_info`; Blender 4.2+ can also install it as an extension
 (blender_manifest.toml).
 
 This file imports nothing from bpy at module level, so the plain-Python layers (`bridge`,
-`bundle_io`, `paths`) can be imported and tested without Blender; the bpy modules load in
-`register()`.
+`paths` and the modules shared with the backend, see paths.py) can be imported and tested
+without Blender; the bpy modules load in `register()`.
 """
 
 bl_info = {

@@ -51,11 +51,11 @@ def main(argv: list[str] | None = None) -> int:
     import bpy
     import numpy as np
 
-    from . import bridge, bundle_io, controller, paths, pngfile, scene, synthetic
+    from . import bridge, controller, paths, pngfile, scene, synthetic
 
     bundle_path = Path(args.bundle) if args.bundle else paths.default_bundle_path()
     if bundle_path.is_file():
-        bundle, head = bundle_io.load(bundle_path), str(bundle_path)
+        bundle, head = scene.load_bundle(str(bundle_path)), str(bundle_path)
     else:
         bundle = synthetic.make_bundle(rings=64, segments=96, components=50, expressions=52)
         head = f"synthetic stand-in ({bundle_path} missing)"

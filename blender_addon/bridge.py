@@ -39,7 +39,7 @@ from typing import Any, Callable
 
 from . import paths
 
-protocol = paths.load_protocol()
+protocol = paths.shared("protocol")
 
 DEVICES = ("auto", "cuda", "cpu")
 STDERR_LINES_KEPT = 200

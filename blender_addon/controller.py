@@ -18,13 +18,10 @@ from typing import Callable
 
 import bpy
 
-from . import bridge, bundle_io, pngfile, scene
+from . import bridge, paths, pngfile, scene
 from .errors import UserError
 
 log = logging.getLogger(__package__)
-
-STAGES = ("shape", "texture")
-
 
 @dataclass
 class FitInputs:
@@ -33,64 +30,27 @@ class FitInputs:
     prompt: str
     negative_prompt: str = ""
     model: str = ""                 # hub id or local folder; '' = the backend's default
-    stages: tuple[str, ...] = ("shape",)
-    shape_steps: int = 200
-    texture_steps: int = 400
-    seed: int = 0
-    guidance_scale: float = 100.0
-    lr: float = 0.05
-    texture_lr: float = 0.05
-    l2_weight: float = 1e-3
-    weight_clamp: float = 3.0
-    render_size: int = 256
-    texture_size: int = 512
-    event_every: int = 5
-    texture_every: int = 20
-
-    def config(self) -> dict:
-        """The backend's FitConfig fields."""
-        return dict(
-            stages=list(self.stages), shape_steps=self.shape_steps, texture_steps=self.texture_steps, seed=self.seed,
-            guidance_scale=self.guidance_scale, lr=self.lr, texture_lr=self.texture_lr, l2_weight=self.l2_weight,
-            weight_clamp=self.weight_clamp, render_size=self.render_size, texture_size=self.texture_size,
-            event_every=self.event_every, texture_every=self.texture_every,
-        )
+    config: dict = field(default_factory=dict)   # FitConfig fields that were set; the rest keep FitConfig's defaults
 
 
-def looks_like_path(model: str) -> bool:
-    """A local folder rather than a hub id ('org/name')."""
-    return (os.path.isabs(os.path.expanduser(model)) or model.startswith((".", "~"))
-            or os.path.isdir(model) or "\\" in model)
-
-
-def check_fit_inputs(inputs: FitInputs) -> None:
-    """Raise UserError naming the first input that cannot work; runs before anything starts."""
-    protocol = bridge.protocol
-    if not inputs.prompt.strip():
-        raise UserError("Prompt is empty: describe the head to fit, e.g. 'an old sailor with a big nose'")
-    if len(inputs.prompt) > protocol.MAX_PROMPT_CHARS:
-        raise UserError(f"Prompt is too long: {len(inputs.prompt)} characters, at most {protocol.MAX_PROMPT_CHARS}")
-    if not inputs.stages:
+def check_fit_inputs(inputs: FitInputs):
+    """The fit's FitConfig; UserError naming the first input that cannot work. Runs before anything
+    starts, with the backend's own checks (the shared inputs and fit_config modules)."""
+    checks, fit_config = paths.shared("inputs"), paths.shared("fit_config")
+    if not inputs.config.get("stages", True):
         raise UserError("No stage selected: enable Shape, Texture or both")
-    unknown = [s for s in inputs.stages if s not in STAGES]
-    if unknown:
-        raise UserError(f"Unknown stage(s) {', '.join(unknown)}: expected {', '.join(STAGES)}")
-    if "shape" in inputs.stages and inputs.shape_steps < 1:
-        raise UserError(f"Shape steps must be at least 1, got {inputs.shape_steps}")
-    if "texture" in inputs.stages and inputs.texture_steps < 1:
-        raise UserError(f"Texture steps must be at least 1, got {inputs.texture_steps}")
-    if not 0 < inputs.weight_clamp <= scene.MAX_SLIDER:
-        raise UserError(f"Weight clamp must lie in (0, {scene.MAX_SLIDER:g}] (Blender's slider limit), "
-                        f"got {inputs.weight_clamp:g}")
-    model = inputs.model.strip()
-    if model and looks_like_path(model) and not os.path.isdir(os.path.expanduser(model)):
-        raise UserError(f"Model folder not found: {os.path.expanduser(model)} (give a local Stable Diffusion "
-                        "folder or a hub id such as 'stable-diffusion-v1-5/stable-diffusion-v1-5')")
+    try:
+        checks.check_prompt(inputs.prompt, inputs.negative_prompt)
+        checks.check_model_source(inputs.model)
+        return fit_config.FitConfig.from_dict(inputs.config)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
 
 
 FAILURE_TITLES = {
     "model_error": "Model could not be loaded",
     "bundle_error": "Backend could not use the head",
+    "output_error": "Backend could not write the job folder",
     "bad_request": "Backend rejected the fit",
     "busy": "Backend is busy",
     "internal": "Backend error during the fit",
@@ -196,7 +156,7 @@ class FitController:
         """Check everything, snapshot the head, send the fit; returns the job id. Never blocks on the backend."""
         if self.busy:
             raise UserError("A fit is already running: stop it first")
-        check_fit_inputs(inputs)
+        config = check_fit_inputs(inputs)
         scene.check_head(obj)
         try:
             bridge.check_settings(settings)
@@ -205,15 +165,19 @@ class FitController:
         names = scene.component_names(obj)
         indices = scene.key_indices(obj, names)
         bundle = scene.bundle_from_object(obj, names)
-        if "texture" in inputs.stages and not bundle.meta.get("has_uv"):
+        if "texture" in config.stages and not bundle.meta.get("has_uv"):
             raise UserError(f"Mesh '{obj.name}' has no UV map: the texture stage needs one (UV > Unwrap)")
 
-        image = scene.ensure_texture_image(obj, inputs.texture_size) if "texture" in inputs.stages \
+        image = scene.ensure_texture_image(obj, config.texture_size) if "texture" in config.stages \
             else scene.texture_image(obj)
-        root = Path(job_root) if job_root else default_job_root()
-        root.mkdir(parents=True, exist_ok=True)
-        job_dir = Path(tempfile.mkdtemp(prefix="job-", dir=root))
-        bundle_path = bundle_io.save(bundle, job_dir / "head.npz")
+        # absolute: the backend runs in another working folder
+        root = (Path(job_root) if job_root else default_job_root()).absolute()
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            job_dir = Path(tempfile.mkdtemp(prefix="job-", dir=root))
+            bundle_path = scene.bundles().save(bundle, job_dir / "head.npz", compress=False)
+        except (OSError, paths.shared("files").OutputError) as exc:
+            raise UserError(f"cannot write the fit's job folder in {root}: {exc}") from None
         initial = scene.read_weights(obj, names)
         scene.take_snapshot(obj, names)
 
@@ -223,7 +187,7 @@ class FitController:
         request = bridge.FitRequest(
             prompt=inputs.prompt.strip(), negative_prompt=inputs.negative_prompt.strip(),
             model=inputs.model.strip() or None, bundle=str(bundle_path), initial_weights=initial,
-            config=inputs.config(), job_dir=str(job_dir))
+            config=dict(inputs.config), job_dir=str(job_dir))
         try:
             job_id = backend.submit(request)
         except bridge.BackendFailure as failure:
@@ -233,7 +197,7 @@ class FitController:
             raise UserError(describe_failure(failure)) from None
         self.job = Job(id=job_id, object_name=obj.name, names=names, indices=indices,
                        image_name=image.name if image is not None else "", job_dir=job_dir,
-                       stages=tuple(inputs.stages), started_at=time.monotonic())
+                       stages=config.stages, started_at=time.monotonic())
         self.status.message = "loading the model" if backend.hello else "starting the backend"
         self.publish()
         return job_id

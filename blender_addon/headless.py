@@ -7,16 +7,22 @@ The head is --object NAME, else the active mesh with shape keys, else the first 
 file, else (for a file whose active mesh has no shape keys: an error) a new default head
 (--bundle picks another bundle; the startup file's cube is ignored). Timers and modal operators do
 not run under -b, so the same controller the panel uses is driven by a blocking loop here.
-Progress goes to stdout as `[sds-head] ...` lines; Ctrl-C stops the fit after the current
-iteration and still writes the outputs.
+Progress goes to stdout as `[sds-head] ...` lines. The settings flags are the backend's own
+(`python -m sds_backend fit --help` lists them, with their defaults); a flag that is not given
+is not sent, so the backend's defaults apply.
 
-Outputs in --out: weights.json, texture.png (when the head has a texture), head.glb (--glb),
-head.fbx (--fbx), and --save writes the .blend with the texture packed. The backend's job
-folder is --out/job.
+Outputs in --out: weights.json ({shape key: weight}, as `python -m sds_backend fit` writes it),
+fit.json (prompt, settings, state, iterations, Blender version), texture.png (when the head has a
+texture), head.glb (--glb), head.fbx (--fbx); --save writes the .blend with the texture packed.
+Everything is checked before the fit starts (the folder is probed for a small write; a folder
+holding another run's outputs, or an existing --save file, is refused unless --overwrite), staged,
+and moved into place together at the end: a failure leaves the folder as it was.
 
-Exit codes: 0 done (or stopped by Ctrl-C), 2 bad arguments, 3 bad input (prompt, head, backend
-Python, model folder), 4 the backend failed (model cannot load, crash, hang, garbage),
-5 an output could not be written, 1 anything unexpected.
+Exit codes (sds_backend/exits.py, README): 0 done, 2 bad arguments, 3 bad input (prompt,
+settings, head, backend Python, model folder), 4 the backend failed (model cannot load, crash,
+hang, garbage), 5 an output cannot be written, 130 / 143 stopped by Ctrl-C / SIGTERM (the fit ends
+after its current iteration and the outputs are written, marked stopped; a second signal aborts
+without writing), 1 a bug (its traceback goes to a log file, whose path is printed).
 """
 from __future__ import annotations
 
@@ -29,8 +35,9 @@ from pathlib import Path
 
 import bpy
 
-EXIT_OK, EXIT_UNEXPECTED, EXIT_USAGE, EXIT_INPUT, EXIT_BACKEND, EXIT_OUTPUT = 0, 1, 2, 3, 4, 5
 ADDON_DIR = Path(__file__).resolve().parent
+OUTPUT_FILES = ("weights.json", "fit.json", "texture.png", "head.glb", "head.fbx",
+                "job")      # `job`: the backend's folder of release 0.1's runs, replaced like an output
 
 
 def say(text: str) -> None:
@@ -41,7 +48,7 @@ def fail(text: str) -> None:
     print(f"[sds-head] error: {text}", file=sys.stderr, flush=True)
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
+def parse_args(argv: list[str], fit_config) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="blender -b -P blender_addon/headless.py --",
                                      description="Fit a morphable head to a text prompt inside Blender.")
     parser.add_argument("--prompt", required=True, help="what the head should look like")
@@ -52,23 +59,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--backend-python", default=None, help="backend interpreter (default: the add-on preference)")
     parser.add_argument("--object", default=None, help="name of the head object to fit")
     parser.add_argument("--bundle", default=None, help="bundle for a new head when the file has none")
-    parser.add_argument("--stages", default="shape", help="comma-separated: shape,texture")
-    parser.add_argument("--steps", type=int, default=200, help="shape iterations")
-    parser.add_argument("--texture-steps", type=int, default=400)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--guidance", type=float, default=100.0)
-    parser.add_argument("--lr", type=float, default=0.05)
-    parser.add_argument("--texture-lr", type=float, default=0.05)
-    parser.add_argument("--l2", type=float, default=1e-3, help="L2 regularisation of the weights")
-    parser.add_argument("--weight-clamp", type=float, default=3.0)
-    parser.add_argument("--render-size", type=int, default=256)
-    parser.add_argument("--texture-size", type=int, default=512)
-    parser.add_argument("--event-every", type=int, default=5)
-    parser.add_argument("--texture-every", type=int, default=20)
+    fit_config.add_flags(parser)
     parser.add_argument("--timeout", type=float, default=None, help="seconds of backend silence treated as a hang")
     parser.add_argument("--fbx", action="store_true", help="write head.fbx")
     parser.add_argument("--glb", action="store_true", help="write head.glb")
     parser.add_argument("--save", type=Path, default=None, help="save the .blend here (texture packed)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the outputs of an earlier run in --out, and an existing --save file")
     parser.add_argument("--verbose", action="store_true", help="copy the backend's stderr to ours")
     return parser.parse_args(argv)
 
@@ -98,7 +95,18 @@ def addon_package() -> str:
     return package
 
 
-def pick_head(args, scene_mod, bundle_io, paths, errors):
+class Addon:
+    """The add-on's modules this script uses, imported under whatever package name it has."""
+
+    def __init__(self, package: str):
+        for name in ("controller", "scene", "paths", "preferences", "pngfile", "errors"):
+            setattr(self, name, importlib.import_module(f"{package}.{name}"))
+        for name in ("exits", "files", "fit_config"):
+            setattr(self, name, self.paths.shared(name))
+
+
+def pick_head(args, addon: Addon):
+    scene, errors = addon.scene, addon.errors
     objects = bpy.data.objects
     if args.object:
         obj = objects.get(args.object)
@@ -109,69 +117,62 @@ def pick_head(args, scene_mod, bundle_io, paths, errors):
     if active is not None and active.type == "MESH" and active.data.shape_keys is not None:
         return active
     for obj in objects:
-        if obj.type == "MESH" and scene_mod.PROP_COMPONENTS in obj:
+        if obj.type == "MESH" and scene.PROP_COMPONENTS in obj:
             return obj
     if active is not None and active.type == "MESH" and bpy.data.filepath:
         return active  # the file's active mesh was meant: check_head names what it lacks
-    path = args.bundle or str(paths.default_bundle_path())
-    if not Path(path).is_file():
+    path = args.bundle or str(addon.paths.default_bundle_path())
+    if not args.bundle and not Path(path).is_file():
         raise errors.UserError(f"no head in this file and no bundle at {path} to create one "
-                                  "(build it with 'python -m sds_backend make-head' or pass --bundle)")
-    try:
-        bundle = bundle_io.load(path)
-    except bundle_io.BundleError as exc:
-        raise errors.UserError(str(exc)) from None
-    obj = scene_mod.build_head(bundle)
+                               "(build it with 'python -m sds_backend make-head' or pass --bundle)")
+    bundle = scene.load_bundle(path)
+    obj = scene.build_head(bundle)
     say(f"created '{obj.name}' from {path} ({bundle.num_components} shape keys)")
     return obj
 
 
-def write_outputs(args, obj, job_status, inputs, scene_mod, pngfile) -> dict[str, str]:
-    out: Path = args.out
-    names = scene_mod.component_names(obj)
-    weights = scene_mod.read_weights(obj, names)
-    written: dict[str, str] = {}
+def write_outputs(args, obj, status, inputs, outputs, addon: Addon) -> None:
+    """weights.json, fit.json, texture.png and the requested exports, into the output set's staging."""
+    scene, files = addon.scene, addon.files
+    names = scene.component_names(obj)
+    weights = scene.read_weights(obj, names)
+    files.atomic_write(outputs.path("weights.json"), (json.dumps(
+        {name: round(float(w), 6) for name, w in zip(names, weights)}, indent=2) + "\n").encode())
     record = {
         "prompt": inputs.prompt, "negative_prompt": inputs.negative_prompt, "model": inputs.model or None,
-        "seed": inputs.seed, "stages": list(inputs.stages), "object": obj.name, "names": names,
-        "weights": weights, "state": job_status.state, "iterations": job_status.iteration,
-        "seconds": job_status.seconds, "blender": bpy.app.version_string,
+        "config": inputs.config, "object": obj.name, "weights": dict(zip(names, weights)),
+        "state": status.state, "stopped": status.state == "stopped", "iterations": status.iterations_done,
+        "seconds": status.seconds, "blender": bpy.app.version_string,
     }
-    (out / "weights.json").write_text(json.dumps(record, indent=1))
-    written["weights"] = str(out / "weights.json")
-    image = scene_mod.texture_image(obj)
-    if scene_mod.has_pixels(image):
+    files.atomic_write(outputs.path("fit.json"), (json.dumps(record, indent=1) + "\n").encode())
+    image = scene.texture_image(obj)
+    if scene.has_pixels(image):
         width, height = image.size
-        pngfile.write_png(out / "texture.png", scene_mod.read_pixels(image), width, height, image.channels)
-        written["texture"] = str(out / "texture.png")
+        addon.pngfile.write_png(outputs.path("texture.png"), scene.read_pixels(image), width, height, image.channels)
     if args.glb:
-        written["glb"] = str(scene_mod.export_gltf(obj, str(out / "head.glb")))
+        scene.export_gltf(obj, str(outputs.path("head.glb")))
     if args.fbx:
-        written["fbx"] = str(scene_mod.export_fbx(obj, str(out / "head.fbx")))
-    if args.save:
-        scene_mod.pack_textures(obj)
-        args.save.parent.mkdir(parents=True, exist_ok=True)
-        bpy.ops.wm.save_as_mainfile(filepath=str(args.save.resolve()), check_existing=False)
-        written["blend"] = str(args.save)
-    return written
+        scene.export_fbx(obj, str(outputs.path("head.fbx")))
 
 
 def main(argv: list[str]) -> int:
+    addon = Addon(addon_package())
     try:
-        args = parse_args(argv)
-    except SystemExit as exc:
-        return EXIT_USAGE if exc.code else EXIT_OK
-    package = addon_package()
-    controller = importlib.import_module(f"{package}.controller")
-    scene_mod = importlib.import_module(f"{package}.scene")
-    bundle_io = importlib.import_module(f"{package}.bundle_io")
-    paths = importlib.import_module(f"{package}.paths")
-    preferences = importlib.import_module(f"{package}.preferences")
-    pngfile = importlib.import_module(f"{package}.pngfile")
-    errors = importlib.import_module(f"{package}.errors")
-    CONTROLLER = controller.CONTROLLER
+        return run(argv, addon)
+    except Exception as exc:  # a bug: its traceback goes to a log file, and Blender ends with the bug code
+        log = addon.exits.log_bug("headless", exc)
+        fail(f"internal error (a bug): {type(exc).__name__}: {exc}; the traceback is in {log}")
+        return addon.exits.BUG
 
-    prefs = preferences.get_preferences()
+
+def run(argv: list[str], addon: Addon) -> int:
+    exits, files = addon.exits, addon.files
+    try:
+        args = parse_args(argv, addon.fit_config)
+    except SystemExit as exc:
+        return exits.USAGE if exc.code else exits.OK
+    CONTROLLER, UserError = addon.controller.CONTROLLER, addon.errors.UserError
+    prefs = addon.preferences.get_preferences()
     overrides = {"echo_stderr": args.verbose}
     if args.backend_python:
         overrides["python"] = args.backend_python
@@ -179,15 +180,28 @@ def main(argv: list[str]) -> int:
         overrides["device"] = args.device
     if args.timeout:
         overrides.update(hello_timeout=args.timeout, reply_timeout=args.timeout)
-    settings = preferences.backend_settings(prefs, **overrides)
-    inputs = controller.FitInputs(
-        prompt=args.prompt, negative_prompt=args.negative,
-        model=args.model if args.model is not None else prefs.model,
-        stages=tuple(s.strip() for s in args.stages.split(",") if s.strip()),
-        shape_steps=args.steps, texture_steps=args.texture_steps, seed=args.seed, guidance_scale=args.guidance,
-        lr=args.lr, texture_lr=args.texture_lr, l2_weight=args.l2, weight_clamp=args.weight_clamp,
-        render_size=args.render_size, texture_size=args.texture_size, event_every=args.event_every,
-        texture_every=args.texture_every)
+    settings = addon.preferences.backend_settings(prefs, **overrides)
+    outputs = None
+    try:
+        try:
+            config = addon.fit_config.flag_values(args)
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+        inputs = addon.controller.FitInputs(prompt=args.prompt, negative_prompt=args.negative,
+                                            model=args.model if args.model is not None else prefs.model,
+                                            config=config)
+        addon.controller.check_fit_inputs(inputs)
+        obj = pick_head(args, addon)
+        save = args.save.absolute() if args.save else None
+        outputs = files.OutputSet(args.out.absolute(), OUTPUT_FILES, replace=args.overwrite, what="--out").prepare()
+        if save is not None and save.exists() and not args.overwrite:
+            raise files.OutputError(f"--save: {save} exists; pass --overwrite to replace it")
+    except UserError as exc:
+        fail(str(exc))
+        return exits.BAD_INPUT
+    except files.OutputError as exc:
+        fail(str(exc))
+        return exits.OUTPUT
 
     last = {"iteration": -1, "state": ""}
 
@@ -203,44 +217,48 @@ def main(argv: list[str]) -> int:
             loss = "" if status.loss is None else f" loss {status.loss:.5g}"
             say(f"{status.stage} {status.iteration}/{status.total}{loss} ({status.seconds:.1f} s)")
 
-    try:
-        obj = pick_head(args, scene_mod, bundle_io, paths, errors)
-        args.out.mkdir(parents=True, exist_ok=True)
-        CONTROLLER.listeners.append(report)
-        started = time.monotonic()
-        CONTROLLER.start_fit(obj, inputs, settings, job_root=args.out / "job")
-        say(f"fitting '{obj.name}' to \"{inputs.prompt.strip()}\" (stages {', '.join(inputs.stages)}; "
-            f"backend pid {CONTROLLER.backend.pid})")
-        interrupted = False
-        while CONTROLLER.busy:
-            try:
-                CONTROLLER.tick(wait=0.5)
-            except KeyboardInterrupt:
-                if interrupted:
-                    raise
-                interrupted = True
-                say("Ctrl-C: stopping after the current iteration (Ctrl-C again to abort)")
-                CONTROLLER.stop()
-        status = CONTROLLER.status
-        if status.state == "failed":
-            fail(status.last_error)
-            return EXIT_BACKEND
-        say(f"{status.message} (wall {time.monotonic() - started:.1f} s)")
+    with exits.StopSignals(notice=say) as stop:
         try:
-            written = write_outputs(args, obj, status, inputs, scene_mod, pngfile)
-        except (OSError, errors.UserError, RuntimeError) as exc:
-            fail(f"writing the outputs failed: {exc}")
-            return EXIT_OUTPUT
-        for name, path in written.items():
-            say(f"wrote {name}: {path}")
-        return EXIT_OK
-    except errors.UserError as exc:
-        fail(str(exc))
-        return EXIT_INPUT
-    finally:
-        if report in CONTROLLER.listeners:
-            CONTROLLER.listeners.remove(report)
-        CONTROLLER.shutdown("headless run ended")
+            CONTROLLER.listeners.append(report)
+            started = time.monotonic()
+            CONTROLLER.start_fit(obj, inputs, settings)
+            say(f"fitting '{obj.name}' to \"{inputs.prompt.strip()}\" (backend pid {CONTROLLER.backend.pid})")
+            while CONTROLLER.busy:
+                if stop.requested and CONTROLLER.job.stop_requested_at is None:
+                    CONTROLLER.stop()
+                CONTROLLER.tick(wait=0.5)
+            status = CONTROLLER.status
+            if status.state == "failed":
+                outputs.discard()
+                fail(status.last_error)
+                return exits.BACKEND
+            say(f"{status.message} (wall {time.monotonic() - started:.1f} s)")
+            try:
+                write_outputs(args, obj, status, inputs, outputs, addon)
+                if save is not None:
+                    addon.scene.save_blend_copy(obj, save)
+                written = outputs.commit()
+            except (files.OutputError, OSError, UserError, RuntimeError) as exc:
+                outputs.discard()
+                fail(f"writing the outputs failed: {exc}")
+                return exits.OUTPUT
+            for name, path in written.items():
+                say(f"wrote {name}: {path}")
+            if save is not None:
+                say(f"wrote {save}")
+            return stop.exit_code if stop.requested else exits.OK
+        except KeyboardInterrupt:
+            outputs.discard()
+            say("aborted: nothing was written")
+            return stop.exit_code
+        except UserError as exc:
+            outputs.discard()
+            fail(str(exc))
+            return exits.BAD_INPUT
+        finally:
+            if report in CONTROLLER.listeners:
+                CONTROLLER.listeners.remove(report)
+            CONTROLLER.shutdown("headless run ended")
 
 
 def _script_args() -> list[str]:
@@ -250,11 +268,11 @@ def _script_args() -> list[str]:
 if __name__ == "__main__":
     try:
         code = main(_script_args())
-    except Exception:  # an unexpected failure still ends Blender with a non-zero code
+    except Exception:  # the add-on itself could not be loaded: still end Blender with a non-zero code
         import traceback
 
         traceback.print_exc()
-        code = EXIT_UNEXPECTED
+        code = 1
     sys.stdout.flush()
     sys.stderr.flush()
     sys.exit(code)

@@ -7,9 +7,9 @@ Modes (link and copy install the module `sds_head` in Blender's user add-on fold
 3.4 to 5.x load as a (legacy) add-on):
   link  (default where symlinks work) a symlink to the repository's blender_addon/: edits and
         `git pull` take effect on the next Blender start, and the add-on loads the repository's
-        own sds_backend/protocol.py.
-  copy  a self-contained copy: blender_addon/ plus sds_backend/protocol.py (byte for byte) and
-        assets/default_head.npz, the same files a 4.2+ extension zip holds.
+        own shared modules (sds_backend/protocol.py, bundle.py, ...: paths.SHARED_MODULES).
+  copy  a self-contained copy: blender_addon/ plus those shared modules in shared/ (byte for byte)
+        and assets/default_head.npz, the same files a 4.2+ extension zip holds.
   extension  (Blender 4.2+) the copy, zipped as an extension package (blender_manifest.toml) and
         installed into the user_default extension repository: the module is bl_ext.user_default.sds_head.
 The user preferences are saved, so the backend Python is remembered. Running it again replaces
@@ -53,11 +53,23 @@ def is_ours(path: Path) -> bool:
         return False
 
 
+def _shared_module_names(addon_dir: Path) -> tuple[str, ...]:
+    """paths.SHARED_MODULES, read from the add-on's own paths.py (this script runs outside the package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_sds_head_paths", addon_dir / "paths.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.SHARED_MODULES
+
+
 def stage_copy(addon_dir: Path, target: Path) -> None:
-    """blender_addon/ + the protocol module + the default head: a self-contained add-on folder."""
+    """blender_addon/ + the shared modules (in shared/) + the default head: a self-contained add-on folder."""
     repo = addon_dir.parent
     shutil.copytree(addon_dir, target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    shutil.copyfile(repo / "sds_backend" / "protocol.py", target / "protocol.py")
+    (target / "shared").mkdir()
+    for name in _shared_module_names(addon_dir):
+        shutil.copyfile(repo / "sds_backend" / f"{name}.py", target / "shared" / f"{name}.py")
     head = repo / "assets" / "default_head.npz"
     if head.is_file():
         (target / "assets").mkdir(exist_ok=True)

@@ -14,7 +14,7 @@ import bpy
 from bpy.props import BoolProperty, StringProperty
 from bpy_extras.io_utils import ExportHelper
 
-from . import bridge, bundle_io, controller, paths, preferences, properties, scene
+from . import bridge, controller, paths, preferences, properties, scene
 from .errors import UserError
 
 log = logging.getLogger(__package__)
@@ -129,10 +129,7 @@ class SDSHEAD_OT_create_head(OperatorBase, bpy.types.Operator):
         if not os.path.isfile(path):
             raise UserError(f"Head bundle not found: {path} (the default head is built by "
                             "'python -m sds_backend make-head')")
-        try:
-            bundle = bundle_io.load(path)
-        except bundle_io.BundleError as exc:
-            raise UserError(str(exc)) from None
+        bundle = scene.load_bundle(path)
         obj = scene.build_head(bundle, collection=context.collection)
         for other in context.selected_objects:
             other.select_set(False)

@@ -1,28 +1,31 @@
-"""Where the add-on finds the project's files: the protocol module, the default head, the backend Python.
+"""Where the add-on finds the project's files: the shared modules, the default head, the backend Python.
 
-No bpy here. The add-on runs from one of two places:
+No bpy here. The add-on shares six modules with the backend, the very same files: protocol (the
+wire format), bundle (the head format), fit_config (settings, their defaults and ranges), inputs
+(prompt and model checks), files (safe reading, atomic and staged writing) and exits (exit codes,
+Ctrl-C). They import only the standard library, numpy and each other, and are imported here as
+the subpackage `<add-on>._shared`, whose folder is
 
-* the repository itself (tests, `blender -P blender_addon/headless.py`, or an install that links
-  Blender's add-on folder to `<repo>/blender_addon`): `<repo>/sds_backend/protocol.py` is loaded
-  by file path, so the add-on and the backend use the very same file;
-* a self-contained copy (install_into_blender.py --mode copy, or a 4.2+ extension zip): the
-  packaging step copies `sds_backend/protocol.py` next to this file byte for byte, and the
-  default head under `assets/`.
+* `<repo>/sds_backend/` when the add-on runs from the repository (tests, `blender -P
+  blender_addon/headless.py`, or a link install of `<repo>/blender_addon`): the package's own
+  `__init__` is not run, only the shared modules are imported;
+* `shared/` beside this file in a self-contained copy (install_into_blender.py --mode copy, or
+  an extension zip), where packaging copies them byte for byte, and the default head under
+  `assets/`.
 
 The repository copy wins whenever it is reachable through this file's real path.
 """
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import os
 import sys
+import types
 from pathlib import Path
-from types import ModuleType
 
 ADDON_DIR = Path(__file__).resolve().parent
 DEFAULT_BUNDLE_NAME = "default_head.npz"
-_protocol_module: ModuleType | None = None
+SHARED_MODULES = ("protocol", "bundle", "fit_config", "inputs", "files", "exits")
 
 
 def repo_root() -> Path | None:
@@ -33,37 +36,28 @@ def repo_root() -> Path | None:
     return None
 
 
-def protocol_path() -> Path:
-    """The protocol module's file: the repository's, else the packaged copy beside this file."""
+def shared_dir() -> Path:
+    """The folder of the shared modules: the repository's sds_backend/, else the packaged copy."""
     root = repo_root()
     if root is not None:
-        return root / "sds_backend" / "protocol.py"
-    packaged = ADDON_DIR / "protocol.py"
-    if packaged.is_file():
+        return root / "sds_backend"
+    packaged = ADDON_DIR / "shared"
+    if (packaged / "protocol.py").is_file():
         return packaged
     raise FileNotFoundError(
-        f"protocol.py not found: neither {ADDON_DIR.parent / 'sds_backend' / 'protocol.py'} (repository) "
-        f"nor {packaged} (packaged copy) exists; reinstall the add-on with install.py")
+        f"the shared modules are missing: neither {ADDON_DIR.parent / 'sds_backend'} (repository) nor "
+        f"{packaged} (packaged copy) holds protocol.py; reinstall the add-on with install.py")
 
 
-def load_protocol() -> ModuleType:
-    """Import the shared protocol module (stdlib only) once, by file path."""
-    global _protocol_module
-    if _protocol_module is None:
-        path = protocol_path()
-        package = __package__ or "sds_head"
-        name = f"{package}._protocol"
-        spec = importlib.util.spec_from_file_location(name, path)
-        assert spec is not None and spec.loader is not None, path
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        try:
-            spec.loader.exec_module(module)
-        except BaseException:
-            del sys.modules[name]
-            raise
-        _protocol_module = module
-    return _protocol_module
+def shared(name: str) -> types.ModuleType:
+    """Import one of SHARED_MODULES (stdlib and numpy only), from shared_dir()."""
+    assert name in SHARED_MODULES, name
+    package = f"{__package__ or 'sds_head'}._shared"
+    if package not in sys.modules:
+        module = types.ModuleType(package, "the modules the add-on shares with the backend")
+        module.__path__ = [str(shared_dir())]
+        sys.modules[package] = module
+    return importlib.import_module(f"{package}.{name}")
 
 
 def default_bundle_path() -> Path:

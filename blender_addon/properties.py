@@ -5,39 +5,62 @@ mirrors controller.Status for drawing; it is not saved and takes no part in undo
 """
 from __future__ import annotations
 
+import struct
+
 import bpy
 from bpy.props import BoolProperty, FloatProperty, IntProperty, PointerProperty, StringProperty
 
-from . import controller
+from . import controller, paths
+
+fit_config = paths.shared("fit_config")
+
+
+# defaults and hard limits come from the backend's FitConfig (the shared fit_config module);
+# soft_max is only where a panel slider stops
+DEFAULTS = fit_config.FitConfig()
+RANGES = fit_config.RANGES
+NUMBER_SETTINGS = ("shape_steps", "texture_steps", "seed", "guidance_scale", "lr", "texture_lr", "l2_weight",
+                   "weight_clamp", "render_size", "texture_size", "event_every", "texture_every")
+
+
+def _int(name: str, label: str, description: str, soft_max: int | None = None):
+    limits = RANGES[name]
+    options = dict(name=label, description=description, default=getattr(DEFAULTS, name), min=int(limits.low))
+    if limits.high < 2 ** 31:
+        options["max"] = int(limits.high)
+    if soft_max is not None:
+        options["soft_max"] = soft_max
+    return IntProperty(**options)
+
+
+def _float(name: str, label: str, description: str, soft_max: float, precision: int = 3):
+    limits = RANGES[name]
+    return FloatProperty(name=label, description=description, default=getattr(DEFAULTS, name),
+                         min=limits.low, max=limits.high, soft_max=soft_max, precision=precision)
 
 
 class SDSHEAD_PG_settings(bpy.types.PropertyGroup):
     prompt: StringProperty(name="Prompt", description="What the head should look like", default="")
     negative_prompt: StringProperty(name="Negative", description="What the head should not look like", default="")
-    stage_shape: BoolProperty(name="Shape", description="Fit the shape-key weights", default=True)
-    stage_texture: BoolProperty(name="Texture", description="Fit the UV texture (after the shape)", default=False)
-    shape_steps: IntProperty(name="Steps", description="Iterations of the shape stage", default=200, min=1, soft_max=2000)
-    texture_steps: IntProperty(name="Texture Steps", description="Iterations of the texture stage", default=400,
-                               min=1, soft_max=4000)
-    seed: IntProperty(name="Seed", description="Random seed: same seed, same result", default=0, min=0)
-    guidance_scale: FloatProperty(name="Guidance", description="Classifier-free guidance scale", default=100.0,
-                                  min=1.0, soft_max=200.0)
-    lr: FloatProperty(name="Learning Rate", description="Adam step size for the weights", default=0.05, min=1e-5,
-                      soft_max=0.5, precision=4)
-    texture_lr: FloatProperty(name="Texture Rate", description="Adam step size for the texture", default=0.05,
-                              min=1e-5, soft_max=0.5, precision=4)
-    l2_weight: FloatProperty(name="Regularisation", description="L2 penalty on the weights (keeps the head plausible)",
-                             default=1e-3, min=0.0, soft_max=0.1, precision=4)
-    weight_clamp: FloatProperty(name="Weight Clamp", description="Weights stay within +-this many standard deviations",
-                                default=3.0, min=0.1, max=10.0)
-    render_size: IntProperty(name="Render Size", description="Pixel size of the renders fed to the diffusion model",
-                             default=256, min=32, max=1024)
-    texture_size: IntProperty(name="Texture Size", description="Pixel size of the fitted UV texture", default=512,
-                              min=16, max=4096)
-    event_every: IntProperty(name="Update Every", description="Send the weights to Blender every N iterations",
-                             default=5, min=1, max=1000)
-    texture_every: IntProperty(name="Texture Every", description="Send the texture to Blender every N iterations",
-                               default=20, min=1, max=1000)
+    stage_shape: BoolProperty(name="Shape", description="Fit the shape-key weights", default="shape" in DEFAULTS.stages)
+    stage_texture: BoolProperty(name="Texture", description="Fit the UV texture (after the shape)",
+                                default="texture" in DEFAULTS.stages)
+    shape_steps: _int("shape_steps", "Steps", "Iterations of the shape stage", soft_max=2000)
+    texture_steps: _int("texture_steps", "Texture Steps", "Iterations of the texture stage", soft_max=4000)
+    seed: _int("seed", "Seed", "Random seed: same seed, same result")
+    guidance_scale: _float("guidance_scale", "Guidance", "Classifier-free guidance scale", soft_max=200.0)
+    lr: _float("lr", "Learning Rate", "Adam step size for the weights", soft_max=0.5, precision=4)
+    texture_lr: _float("texture_lr", "Texture Rate", "Adam step size for the texture", soft_max=0.5, precision=4)
+    l2_weight: _float("l2_weight", "Regularisation", "L2 penalty on the weights (keeps the head plausible)",
+                      soft_max=0.1, precision=4)
+    weight_clamp: _float("weight_clamp", "Weight Clamp", "Weights stay within +-this many standard deviations",
+                         soft_max=10.0)
+    render_size: _int("render_size", "Render Size", "Pixel size of the renders fed to the diffusion model",
+                      soft_max=1024)
+    texture_size: _int("texture_size", "Texture Size", "Pixel size of the fitted UV texture")
+    event_every: _int("event_every", "Update Every", "Send the weights to Blender every N iterations", soft_max=1000)
+    texture_every: _int("texture_every", "Texture Every", "Send the texture to Blender every N iterations",
+                        soft_max=1000)
 
 
 class SDSHEAD_PG_status(bpy.types.PropertyGroup):
@@ -54,16 +77,25 @@ class SDSHEAD_PG_status(bpy.types.PropertyGroup):
     doctor_state: StringProperty(name="Backend Check State", default="")   # '' | running | ok | failed
 
 
+def as_typed(value):
+    """A float property's value as the decimal the user typed: Blender keeps float32, whose 0.05 is
+    0.0500000007; the shortest decimal that is the same float32 is what the panel shows."""
+    if not isinstance(value, float):
+        return value
+    stored = struct.pack("<f", value)
+    for digits in range(1, 10):
+        candidate = float(f"{value:.{digits}g}")
+        if struct.pack("<f", candidate) == stored:
+            return candidate
+    return value
+
+
 def fit_inputs(settings: SDSHEAD_PG_settings, model: str) -> controller.FitInputs:
     """The panel's settings as the service's input."""
-    stages = tuple(s for s, on in (("shape", settings.stage_shape), ("texture", settings.stage_texture)) if on)
-    return controller.FitInputs(
-        prompt=settings.prompt, negative_prompt=settings.negative_prompt, model=model, stages=stages,
-        shape_steps=settings.shape_steps, texture_steps=settings.texture_steps, seed=settings.seed,
-        guidance_scale=settings.guidance_scale, lr=settings.lr, texture_lr=settings.texture_lr,
-        l2_weight=settings.l2_weight, weight_clamp=settings.weight_clamp, render_size=settings.render_size,
-        texture_size=settings.texture_size, event_every=settings.event_every, texture_every=settings.texture_every,
-    )
+    stages = [s for s, on in (("shape", settings.stage_shape), ("texture", settings.stage_texture)) if on]
+    config = {"stages": stages, **{name: as_typed(getattr(settings, name)) for name in NUMBER_SETTINGS}}
+    return controller.FitInputs(prompt=settings.prompt, negative_prompt=settings.negative_prompt, model=model,
+                                config=config)
 
 
 def publish_status(status: controller.Status) -> None:

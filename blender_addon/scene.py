@@ -18,7 +18,7 @@ from pathlib import Path
 
 import bpy
 
-from . import bundle_io
+from . import paths
 from .errors import UserError
 
 PROP_COMPONENTS = "sdshead_components"   # object custom property: JSON list of component key names
@@ -31,11 +31,49 @@ SKIN = (0.80, 0.62, 0.52, 1.0)
 
 
 def _np():
-    return bundle_io._np()
+    try:
+        import numpy
+    except ImportError:  # Debian's Blender uses the system numpy, which may be missing
+        raise UserError("numpy is missing from Blender's Python (on Debian/Ubuntu: apt install python3-numpy)") from None
+    return numpy
+
+
+def bundles():
+    """The shared bundle module (sds_backend/bundle.py): Bundle, load, save, BundleError."""
+    _np()
+    return paths.shared("bundle")
+
+
+def load_bundle(path: str):
+    """A bundle file as a Bundle; UserError (naming the file and the field) when it cannot be used."""
+    module = bundles()
+    try:
+        return module.load(path)
+    except module.BundleError as exc:
+        raise UserError(str(exc)) from None
+
+
+# glTF (x right, y up, z forward) -> Blender (x right, y back-to-front is -z_gltf, z up)
+def to_blender(points):
+    """float [..., 3] in glTF axes -> Blender axes: (x, y, z) -> (x, -z, y)."""
+    out = _np().empty_like(points)
+    out[..., 0] = points[..., 0]
+    out[..., 1] = -points[..., 2]
+    out[..., 2] = points[..., 1]
+    return out
+
+
+def from_blender(points):
+    """float [..., 3] in Blender axes -> glTF axes: (x, y, z) -> (x, z, -y)."""
+    out = _np().empty_like(points)
+    out[..., 0] = points[..., 0]
+    out[..., 1] = points[..., 2]
+    out[..., 2] = -points[..., 1]
+    return out
 
 
 # ---------------------------------------------------------------------------- build from a bundle
-def _polygons_and_loop_uvs(bundle: bundle_io.Bundle):
+def _polygons_and_loop_uvs(bundle):
     """Polygons for Blender and, per loop, the index into bundle.uv.
 
     Quads come from `polygons` when every corner's UV can be found on one of the triangles that
@@ -74,13 +112,13 @@ def _check_key_name(name: str) -> None:
         raise UserError(f"shape-key name {name!r} is longer than Blender's 63-byte limit")
 
 
-def build_head(bundle: bundle_io.Bundle, *, name: str = HEAD_NAME, collection=None,
+def build_head(bundle, *, name: str = HEAD_NAME, collection=None,
                texture_size: int = 1024, slider: float = DEFAULT_SLIDER):
     """A new mesh object: basis + one key per component (+ expressions), UVs, material with an image."""
     np = _np()
     for key_name in list(bundle.names) + list(bundle.expr_names):
         _check_key_name(key_name)
-    mean = bundle_io.to_blender(bundle.mean)
+    mean = to_blender(bundle.mean)
     polygons, loop_uv = _polygons_and_loop_uvs(bundle)
 
     mesh = bpy.data.meshes.new(name)
@@ -95,13 +133,13 @@ def build_head(bundle: bundle_io.Bundle, *, name: str = HEAD_NAME, collection=No
     obj.shape_key_add(name="Basis", from_mix=False)
     for k, key_name in enumerate(bundle.names):
         kb = obj.shape_key_add(name=key_name, from_mix=False)
-        kb.data.foreach_set("co", bundle_io.to_blender(bundle.mean + bundle.basis[k]).ravel())
+        kb.data.foreach_set("co", to_blender(bundle.mean + bundle.basis[k]).ravel())
         kb.slider_min, kb.slider_max = -slider, slider
         kb.value = 0.0
     if bundle.expr_basis is not None:
         for e, key_name in enumerate(bundle.expr_names):
             kb = obj.shape_key_add(name=key_name, from_mix=False)
-            kb.data.foreach_set("co", bundle_io.to_blender(bundle.mean + bundle.expr_basis[e]).ravel())
+            kb.data.foreach_set("co", to_blender(bundle.mean + bundle.expr_basis[e]).ravel())
             kb.value = 0.0
     obj[PROP_COMPONENTS] = json.dumps(list(bundle.names))
 
@@ -202,7 +240,7 @@ def _key_cos(kb, count: int):
     return co.reshape(count, 3)
 
 
-def bundle_from_object(obj, names: list[str]) -> bundle_io.Bundle:
+def bundle_from_object(obj, names: list[str]):
     """The object's shape keys as a bundle: mean = reference key plus the current mix of the keys that
     are not components (expressions stay as the user set them), one basis row per component.
 
@@ -270,13 +308,14 @@ def bundle_from_object(obj, names: list[str]) -> bundle_io.Bundle:
     if determinant < 0:                 # a mirroring transform turns the winding, and with it the facing
         faces = faces[:, [0, 2, 1]]
         uv_faces = uv_faces[:, [0, 2, 1]]
-    bundle = bundle_io.Bundle(
-        mean=bundle_io.from_blender(mean), basis=bundle_io.from_blender(basis), names=list(names),
-        faces=faces, uv=uv.astype(np.float32), uv_faces=uv_faces,
-        meta={"source": "blender", "object": obj.name, "has_uv": uv_layer is not None},
-    )
-    bundle.validate(f"shape keys of '{obj.name}'")
-    return bundle
+    module = bundles()
+    try:
+        return module.Bundle.from_arrays(
+            mean=from_blender(mean), basis=from_blender(basis), names=np.array(names, dtype=np.str_),
+            faces=faces, uv=uv.astype(np.float32), uv_faces=uv_faces,
+            meta={"source": "blender", "object": obj.name, "has_uv": uv_layer is not None})
+    except module.BundleError as exc:
+        raise UserError(f"shape keys of '{obj.name}': {exc}") from None
 
 
 # ---------------------------------------------------------------------------- weights
@@ -447,11 +486,17 @@ def restore_snapshot(obj) -> Snapshot:
 def pack_texture(image) -> None:
     """Pack the image's current pixels as PNG into the .blend: saving the file keeps a fitted or reset
     texture (a generated image's pixels are otherwise regenerated on load), and exporters embed
-    packed data (they skip unsaved pixels)."""
+    packed data (they skip unsaved pixels).
+
+    Blender packs the pixels in memory only when they changed since loading; otherwise it packs
+    the file at the image's path, which for a generated image (a head whose texture was never
+    fitted) does not exist. Writing the pixels back marks them changed, so both cases pack pixels."""
     if not image.filepath_raw:
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in image.name)
         image.filepath_raw = f"//{safe}.png"
     image.file_format = "PNG"
+    if not image.is_dirty and has_pixels(image):
+        image.pixels.foreach_set(read_pixels(image))
     image.pack()
 
 
@@ -505,26 +550,41 @@ class _OnlySelected:
         return False
 
 
+def _write(path: Path, write) -> Path:
+    """write(tmp) writes the file at a temporary path beside `path`, which then replaces `path`:
+    a failed or interrupted export never leaves half a file, nor changes an existing one."""
+    files = paths.shared("files")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return files.write_through_temporary(path, write)
+    except OSError as exc:
+        raise UserError(f"cannot write {path}: {exc.strerror or exc}") from None
+    except files.OutputError as exc:
+        raise UserError(str(exc)) from None
+
+
 def export_gltf(obj, filepath: str) -> Path:
     """Binary glTF with every shape key (names + current values as mesh weights) and the texture
     embedded. Modifiers are not applied: applying them would drop the shape keys."""
     path = Path(filepath)
     if path.suffix.lower() not in (".glb", ".gltf"):
         path = path.with_suffix(".glb")
-    path.parent.mkdir(parents=True, exist_ok=True)
     pack_textures(obj)
     operator = bpy.ops.export_scene.gltf
-    kwargs = _operator_kwargs(operator, dict(
-        filepath=str(path), export_format="GLB" if path.suffix.lower() == ".glb" else "GLTF_EMBEDDED",
-        use_selection=True, export_apply=False, export_morph=True, export_morph_normal=False,
-        export_materials="EXPORT", export_image_format="AUTO", export_texcoords=True, export_normals=True,
-        export_yup=True, export_animations=False, export_extras=False,
-    ))
-    with _OnlySelected(obj):
-        result = operator(**kwargs)
-    if "FINISHED" not in result or not path.is_file():
-        raise UserError(f"glTF export to {path} failed (see the system console)")
-    return path
+
+    def write(tmp: Path) -> None:
+        kwargs = _operator_kwargs(operator, dict(
+            filepath=str(tmp), export_format="GLB" if path.suffix.lower() == ".glb" else "GLTF_EMBEDDED",
+            use_selection=True, export_apply=False, export_morph=True, export_morph_normal=False,
+            export_materials="EXPORT", export_image_format="AUTO", export_texcoords=True, export_normals=True,
+            export_yup=True, export_animations=False, export_extras=False,
+        ))
+        with _OnlySelected(obj):
+            result = operator(**kwargs)
+        if "FINISHED" not in result:
+            raise UserError(f"glTF export to {path} failed (see the system console)")
+
+    return _write(path, write)
 
 
 def export_fbx(obj, filepath: str) -> Path:
@@ -533,16 +593,32 @@ def export_fbx(obj, filepath: str) -> Path:
     path = Path(filepath)
     if path.suffix.lower() != ".fbx":
         path = path.with_suffix(".fbx")
-    path.parent.mkdir(parents=True, exist_ok=True)
     pack_textures(obj)
     operator = bpy.ops.export_scene.fbx
-    kwargs = _operator_kwargs(operator, dict(
-        filepath=str(path), use_selection=True, object_types={"MESH"}, use_mesh_modifiers=False,
-        mesh_smooth_type="FACE", add_leaf_bones=False, bake_anim=False, path_mode="COPY", embed_textures=True,
-        use_custom_props=False,
-    ))
-    with _OnlySelected(obj):
-        result = operator(**kwargs)
-    if "FINISHED" not in result or not path.is_file():
-        raise UserError(f"FBX export to {path} failed (see the system console)")
-    return path
+
+    def write(tmp: Path) -> None:
+        kwargs = _operator_kwargs(operator, dict(
+            filepath=str(tmp), use_selection=True, object_types={"MESH"}, use_mesh_modifiers=False,
+            mesh_smooth_type="FACE", add_leaf_bones=False, bake_anim=False, path_mode="COPY", embed_textures=True,
+            use_custom_props=False,
+        ))
+        with _OnlySelected(obj):
+            result = operator(**kwargs)
+        if "FINISHED" not in result:
+            raise UserError(f"FBX export to {path} failed (see the system console)")
+
+    return _write(path, write)
+
+
+def save_blend_copy(obj, filepath: str | Path) -> Path:
+    """Save the open file as a copy at `filepath` with the head's textures packed; the file Blender
+    has open (and its path) stays as it is."""
+    path = Path(filepath)
+    pack_textures(obj)
+
+    def write(tmp: Path) -> None:
+        result = bpy.ops.wm.save_as_mainfile(filepath=str(tmp), copy=True, check_existing=False)
+        if "FINISHED" not in result:
+            raise UserError(f"saving {path} failed (see the system console)")
+
+    return _write(path, write)

@@ -66,10 +66,7 @@ def make_arrays(rings: int = 24, segments: int = 32, components: int = 50, expre
 
 
 def make_bundle(**kwargs):
-    """The arrays as a bundle_io.Bundle."""
-    from . import bundle_io
+    """The arrays as a checked bundle (the shared bundle module's Bundle)."""
+    from . import paths
 
-    a = make_arrays(**kwargs)
-    return bundle_io.Bundle(mean=a["mean"], basis=a["basis"], names=[str(n) for n in a["names"]], faces=a["faces"],
-                            uv=a["uv"], uv_faces=a["uv_faces"], polygons=a["polygons"], expr_basis=a["expr_basis"],
-                            expr_names=[str(n) for n in a["expr_names"]], meta={"source": "synthetic"})
+    return paths.shared("bundle").Bundle.from_arrays(**make_arrays(**kwargs), meta={"source": "synthetic"})

@@ -13,12 +13,12 @@ import sys
 
 # subcommand -> (module, one-line help). Each module has add_arguments(parser) and run(args) -> int.
 COMMANDS = {
-    "fit": ("sds_backend.cli_fit", "fit the head to a text prompt and write the outputs"),
-    "serve": ("sds_backend.server", "speak the JSON-lines protocol on stdin/stdout (used by the Blender add-on)"),
-    "doctor": ("sds_backend.doctor", "report device, versions, whether the model and the default head load"),
-    "bench": ("sds_backend.bench", "print benchmark figures as one JSON object"),
-    "make-head": ("sds_backend.make_head", "build assets/default_head.npz from the CC0 MakeHuman data"),
-    "make-tiny-sd": ("sds_backend.tiny_sd_cli", "save a tiny random Stable Diffusion folder (tests, demos)"),
+    "fit": ("sds_backend.app.fit_command", "fit the head to a text prompt and write the outputs"),
+    "serve": ("sds_backend.app.server", "speak the JSON-lines protocol on stdin/stdout (used by the Blender add-on)"),
+    "doctor": ("sds_backend.app.doctor", "report device, versions, whether the model and the default head load"),
+    "bench": ("sds_backend.tools.bench", "print benchmark figures as one JSON object"),
+    "make-head": ("sds_backend.tools.make_head", "build assets/default_head.npz from the CC0 MakeHuman data"),
+    "make-tiny-sd": ("sds_backend.tools.tiny_sd", "save a tiny random Stable Diffusion folder (tests, demos)"),
 }
 
 
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     name = argv[0]
     if name not in COMMANDS:
         parser.error(f"unknown command {name!r}; choose from {', '.join(COMMANDS)}")
-    from .allocator import tune_for_reuse
+    from .app.allocator import tune_for_reuse
 
     tune_for_reuse()   # this process is ours: keep freed tensor memory mapped (see allocator.py)
     module = importlib.import_module(COMMANDS[name][0])

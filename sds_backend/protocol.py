@@ -27,9 +27,8 @@ import json
 import math
 from typing import Any, Callable
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 MAX_LINE_BYTES = 1 << 20  # a weights list for any sane model is far below this
-MAX_PROMPT_CHARS = 2000
 
 # files a fit can write into its job folder; a `fit` may ask for a subset (default: all)
 OUTPUT_NAMES = ("weights", "texture", "gif", "glb", "fit", "checkpoint")
@@ -40,6 +39,7 @@ ERROR_KINDS = (
     "bad_request",      # well-formed but unusable: empty prompt, NaN weights, wrong weight count
     "model_error",      # the diffusion model cannot be loaded
     "bundle_error",     # the morphable-model bundle cannot be loaded or is malformed
+    "output_error",     # the job folder cannot be written (read-only, full, not a folder)
     "busy",             # a fit is already running
     "internal",         # a bug or a failure during the fit
     "backend_died",     # client side: the process exited or stopped answering
@@ -108,7 +108,7 @@ SCHEMAS: dict[str, dict[str, Field]] = {
         "prompt": (_is_str, True, "a string"),
         "negative_prompt": (_is_opt_str, False, "a string or null"),
         "model": (_is_opt_str, False, "a hub id or folder path, or null for the default"),
-        "bundle": (_is_opt_str, False, "a path to a .npz bundle, or null for the default head"),
+        "bundle": (_is_opt_str, False, "a path to a .npz or .glb bundle, or null for the default head"),
         "initial_weights": (_is_opt_number_list, False, "a list of finite numbers or null"),
         "config": (_is_dict, False, "an object of FitConfig fields"),
         "job_dir": (_is_opt_str, False, "a folder path or null"),
@@ -220,10 +220,3 @@ def encode(message_type: str, **fields: Any) -> str:
     check_message(message)
     return json.dumps(message, separators=(",", ":"), allow_nan=False)
 
-
-def error_message(kind: str, message: str, *, job_id: str | None = None, recoverable: bool = True,
-                  traceback: str | None = None) -> str:
-    fields: dict[str, Any] = {"id": job_id, "kind": kind, "message": message, "recoverable": recoverable}
-    if traceback:
-        fields["traceback"] = traceback
-    return encode("error", **fields)

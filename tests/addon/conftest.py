@@ -57,8 +57,6 @@ def backend_ready() -> str | None:
         return None
     if not BACKEND_PYTHON.is_file():
         return f"backend environment missing ({BACKEND_PYTHON}); run install.py"
-    if not (ROOT / "sds_backend" / "server.py").is_file():
-        return "sds_backend/server.py does not exist yet"
     return None
 
 
@@ -120,22 +118,22 @@ def _empty_scene():
 
 @pytest.fixture(scope="session")
 def synthetic_bundle(tmp_path_factory) -> Path:
-    """50 components + 4 expressions, written by the BACKEND's MorphableModel.save when its venv
-    exists (proves the add-on reads the backend's files), else by bundle_io."""
+    """50 components + 4 expressions, written by the backend's environment (numpy 2) when it exists,
+    so the add-on (numpy < 2 here) proves it reads files the backend writes; else written here."""
     path = tmp_path_factory.mktemp("bundle") / "synthetic_head.npz"
     if BACKEND_PYTHON.is_file():
         code = (
             "import importlib.util, sys\n"
             f"spec = importlib.util.spec_from_file_location('synthetic', {str(ROOT / 'blender_addon' / 'synthetic.py')!r})\n"
             "synthetic = importlib.util.module_from_spec(spec); spec.loader.exec_module(synthetic)\n"
-            "from sds_backend.morphable import MorphableModel\n"
-            "MorphableModel.from_arrays(**synthetic.make_arrays(rings=16, segments=24)).save(sys.argv[1])\n"
+            "from sds_backend import bundle\n"
+            "bundle.save(bundle.Bundle.from_arrays(**synthetic.make_arrays(rings=16, segments=24)), sys.argv[1])\n"
         )
         subprocess.run([str(BACKEND_PYTHON), "-c", code, str(path)], check=True, cwd=ROOT, timeout=120)
     else:
-        from blender_addon import bundle_io, synthetic
+        from blender_addon import scene, synthetic
 
-        bundle_io.save(synthetic.make_bundle(rings=16, segments=24), path)
+        scene.bundles().save(synthetic.make_bundle(rings=16, segments=24), path)
     return path
 
 

@@ -40,7 +40,7 @@ def send(kind: str, **fields) -> None:
 
 
 def hello(version: int = protocol.PROTOCOL_VERSION) -> None:
-    message = {"v": 1, "type": "hello", "version": "fake", "protocol": version, "device": "cpu", "model": "fake",
+    message = {"v": protocol.PROTOCOL_VERSION, "type": "hello", "version": "fake", "protocol": version, "device": "cpu", "model": "fake",
                "torch": "none", "diffusers": "none", "pid": os.getpid()}
     with out_lock:
         sys.stdout.write(json.dumps(message) + "\n")

@@ -71,13 +71,24 @@ def test_every_operator_shares_the_prefix(addon):
     assert panel.SDSHEAD_PT_main.bl_category == "SDS Head"
 
 
-def test_protocol_is_the_backend_file_itself():
-    """One definition: the add-on executes sds_backend/protocol.py, not a copy."""
+def test_shared_modules_are_the_backend_files_themselves():
+    """One definition: the add-on executes sds_backend/protocol.py, bundle.py, ... (paths.SHARED_MODULES),
+    not copies; and those modules import nothing but the standard library, numpy and each other."""
     from blender_addon import bridge, paths
 
-    assert paths.protocol_path() == ROOT / "sds_backend" / "protocol.py"
+    assert paths.shared_dir() == ROOT / "sds_backend"
     assert bridge.protocol.__file__ == str(ROOT / "sds_backend" / "protocol.py")
-    assert not (ADDON_DIR / "protocol.py").exists(), "a copy of protocol.py in the repository would drift"
+    for name in paths.SHARED_MODULES:
+        assert paths.shared(name).__file__ == str(ROOT / "sds_backend" / f"{name}.py")
+        assert not (ADDON_DIR / f"{name}.py").exists(), f"a copy of {name}.py in the add-on would drift"
+        for node in ast.walk(ast.parse((ROOT / "sds_backend" / f"{name}.py").read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                assert node.level == 1 and node.module in paths.SHARED_MODULES, f"{name}.py imports .{node.module}"
+            elif isinstance(node, (ast.Import, ast.ImportFrom)):
+                roots = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module]
+                for root in roots:
+                    assert root.split(".")[0] in sys.stdlib_module_names | {"numpy", "__future__"}, \
+                        f"{name}.py imports {root}"
 
 
 def test_addon_never_imports_torch_or_other_backend_modules():
@@ -96,38 +107,38 @@ def test_addon_never_imports_torch_or_other_backend_modules():
 
 
 def test_plain_layers_import_without_bpy():
-    """bridge/bundle_io/paths run in a Python that has no bpy (and no torch)."""
+    """bridge, paths and the shared modules run in a Python that has no bpy (and no torch)."""
     code = ("import sys; sys.modules['bpy'] = None\n"
-            "import blender_addon.bridge, blender_addon.bundle_io, blender_addon.paths, blender_addon.synthetic\n"
-            "assert 'torch' not in sys.modules\n"
+            "import blender_addon.bridge, blender_addon.paths, blender_addon.synthetic\n"
+            "[blender_addon.paths.shared(name) for name in blender_addon.paths.SHARED_MODULES]\n"
+            "blender_addon.synthetic.make_bundle(rings=6, segments=8)\n"
+            "assert 'torch' not in sys.modules and 'sds_backend' not in sys.modules\n"
             "print(blender_addon.bridge.protocol.PROTOCOL_VERSION)")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "1"
+    from blender_addon import bridge
+
+    assert result.stdout.strip() == str(bridge.protocol.PROTOCOL_VERSION)
 
 
 def test_registering_imports_no_torch(addon):
     assert "torch" not in sys.modules
 
 
-def test_fit_config_the_addon_sends_is_one_the_backend_accepts():
-    """The add-on keeps no copy of FitConfig's fields; this catches a rename on either side."""
-    from conftest import BACKEND_PYTHON
+def test_panel_defaults_and_limits_are_the_backends_fit_config(addon):
+    """The add-on keeps no copy of FitConfig's numbers: an untouched panel sends exactly FitConfig's
+    defaults, and each setting's hard limits are FitConfig's range."""
+    from blender_addon import paths, properties
 
-    if not (ROOT / "sds_backend" / "fit.py").is_file() or not BACKEND_PYTHON.is_file():
-        pytest.skip("sds_backend/fit.py or the backend environment is missing")
-    import json
-
-    from blender_addon import controller
-
-    config = controller.FitInputs(prompt="x", stages=("shape", "texture")).config()
-    code = ("import json, sys; from sds_backend.fit import FitConfig; "
-            "c = FitConfig.from_dict(json.loads(sys.argv[1])); print(json.dumps(c.to_dict()))")
-    result = subprocess.run([str(BACKEND_PYTHON), "-c", code, json.dumps(config)], cwd=ROOT, capture_output=True,
-                            text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    accepted = json.loads(result.stdout)
-    assert {k: accepted[k] for k in config} == config
+    fit_config = paths.shared("fit_config")
+    settings = bpy.context.scene.sdshead
+    inputs = properties.fit_inputs(settings, "")
+    assert fit_config.FitConfig.from_dict(inputs.config) == fit_config.FitConfig()
+    for name in properties.NUMBER_SETTINGS:
+        prop, limits = settings.bl_rna.properties[name], fit_config.RANGES[name]
+        assert prop.hard_min == pytest.approx(limits.low), name
+        if limits.high < 2 ** 31:
+            assert prop.hard_max == pytest.approx(limits.high), name
 
 
 def _blender_ext_cli():
@@ -141,7 +152,7 @@ def _blender_ext_cli():
 
 def test_extension_package_validates_and_installs_in_blender_5(tmp_path):
     """Blender's own validator accepts the manifest; installing the zip as a 4.2+ extension works,
-    and the installed extension runs on its byte-identical copy of protocol.py."""
+    and the installed extension runs on its byte-identical copies of the shared modules."""
     env = dict(os.environ, BLENDER_USER_CONFIG=str(tmp_path / "config"), BLENDER_USER_SCRIPTS=str(tmp_path / "scripts"),
                BLENDER_USER_EXTENSIONS=str(tmp_path / "ext"))
     zip_path = tmp_path / "sds_head.zip"
@@ -153,7 +164,8 @@ def test_extension_package_validates_and_installs_in_blender_5(tmp_path):
                               capture_output=True, text=True, timeout=60)
     assert validate.returncode == 0, validate.stdout + validate.stderr
     installed = tmp_path / "ext" / "user_default" / "sds_head"
-    assert (installed / "protocol.py").read_bytes() == (ROOT / "sds_backend" / "protocol.py").read_bytes()
+    for name in ("protocol", "bundle", "fit_config", "inputs", "files", "exits"):
+        assert (installed / "shared" / f"{name}.py").read_bytes() == (ROOT / "sds_backend" / f"{name}.py").read_bytes()
     check = subprocess.run([sys.executable, "-c", (
         "import bpy, sys; bpy.ops.wm.read_userpref()\n"
         "name = 'bl_ext.user_default.sds_head'\n"
@@ -163,5 +175,5 @@ def test_extension_package_validates_and_installs_in_blender_5(tmp_path):
         timeout=120)
     assert check.returncode == 0, check.stderr
     assert "PYTHON /opt/sds/python" in check.stdout
-    assert f"PROTOCOL {installed / 'protocol.py'}" in check.stdout
+    assert f"PROTOCOL {installed / 'shared' / 'protocol.py'}" in check.stdout
     assert "PANEL True" in check.stdout

@@ -24,15 +24,15 @@ def _cos(obj, kb=None):
 
 
 def test_create_head_has_one_key_per_component_named_as_in_bundle(addon, head_bundle):
-    from blender_addon import bundle_io, scene
+    from blender_addon import scene
 
-    bundle = bundle_io.load(head_bundle)
+    bundle = scene.load_bundle(str(head_bundle))
     obj = _create(head_bundle)
     blocks = obj.data.shape_keys.key_blocks
     assert bundle.num_components == 50
-    assert [kb.name for kb in blocks][1:51] == bundle.names
-    assert [kb.name for kb in blocks][51:] == bundle.expr_names
-    assert scene.component_names(obj) == bundle.names          # expressions are not fitted
+    assert [kb.name for kb in blocks][1:51] == list(bundle.names)
+    assert [kb.name for kb in blocks][51:] == list(bundle.expr_names)
+    assert scene.component_names(obj) == list(bundle.names)          # expressions are not fitted
     for kb in list(blocks)[1:51]:
         assert (kb.slider_min, kb.slider_max) == (-5.0, 5.0)
         assert kb.relative_key == blocks[0] and kb.value == 0.0
@@ -45,9 +45,9 @@ def test_create_head_has_one_key_per_component_named_as_in_bundle(addon, head_bu
 
 def test_bundle_axes_become_blender_z_up(addon, head_bundle):
     """glTF +Y up -> Blender +Z up; glTF +Z forward (the face) -> Blender -Y (front view looks along +Y)."""
-    from blender_addon import bundle_io
+    from blender_addon import scene
 
-    bundle = bundle_io.load(head_bundle)
+    bundle = scene.load_bundle(str(head_bundle))
     obj = _create(head_bundle)
     co = _cos(obj)
     assert int(np.argmax(co[:, 2])) == int(np.argmax(bundle.mean[:, 1]))
@@ -55,13 +55,13 @@ def test_bundle_axes_become_blender_z_up(addon, head_bundle):
     np.testing.assert_array_equal(co[:, 0], bundle.mean[:, 0])
     k = 7
     delta = _cos(obj, obj.data.shape_keys.key_blocks[bundle.names[k]]) - co
-    np.testing.assert_allclose(delta, bundle_io.to_blender(bundle.basis[k]), atol=1e-7)
+    np.testing.assert_allclose(delta, scene.to_blender(bundle.basis[k]), atol=1e-7)
 
 
 def test_uvs_match_the_bundle_corner_for_corner(addon, head_bundle):
-    from blender_addon import bundle_io, scene
+    from blender_addon import scene
 
-    bundle = bundle_io.load(head_bundle)
+    bundle = scene.load_bundle(str(head_bundle))
     obj = _create(head_bundle)
     back = scene.bundle_from_object(obj, scene.component_names(obj))
     pairs = lambda b: {(int(v), tuple(np.round(b.uv[u], 6))) for f, uf in zip(b.faces, b.uv_faces) for v, u in zip(f, uf)}
@@ -72,9 +72,9 @@ def test_uvs_match_the_bundle_corner_for_corner(addon, head_bundle):
 
 def test_weights_drive_the_evaluated_mesh_linearly(addon, head_bundle):
     """mean + w . basis, evaluated by Blender, equals the bundle's model; values beyond the slider widen it."""
-    from blender_addon import bundle_io, scene
+    from blender_addon import scene
 
-    bundle = bundle_io.load(head_bundle)
+    bundle = scene.load_bundle(str(head_bundle))
     obj = _create(head_bundle)
     names = scene.component_names(obj)
     weights = np.linspace(-2.5, 2.5, len(names)).astype(np.float32)
@@ -87,7 +87,7 @@ def test_weights_drive_the_evaluated_mesh_linearly(addon, head_bundle):
     evaluated = obj.evaluated_get(depsgraph).to_mesh()
     co = np.empty(len(evaluated.vertices) * 3, dtype=np.float32)
     evaluated.vertices.foreach_get("co", co)
-    expected = bundle_io.to_blender(bundle.mean + np.einsum("k,kvc->vc", weights, bundle.basis))
+    expected = scene.to_blender(bundle.mean + np.einsum("k,kvc->vc", weights, bundle.basis))
     np.testing.assert_allclose(co.reshape(-1, 3), expected, atol=1e-5)
 
 
@@ -133,7 +133,7 @@ def test_snapshot_restores_exact_weights_and_pixels(addon, head_bundle, tmp_path
 
 def test_user_mesh_becomes_a_bundle_the_backend_loads(addon, tmp_path):
     """Any mesh with shape keys is a model: non-component keys (here 'smile' at 0.5) are baked into the mean."""
-    from blender_addon import bundle_io, scene
+    from blender_addon import scene
 
     bpy.ops.mesh.primitive_monkey_add()
     obj = bpy.context.active_object
@@ -147,14 +147,14 @@ def test_user_mesh_becomes_a_bundle_the_backend_loads(addon, tmp_path):
     obj["sdshead_components"] = json.dumps(["wide", "tall"])
     names = scene.component_names(obj)
     bundle = scene.bundle_from_object(obj, names)
-    assert bundle.names == ["wide", "tall"]
+    assert bundle.names == ("wide", "tall")
     ref = _cos(obj)
-    np.testing.assert_allclose(bundle.mean, bundle_io.from_blender(ref + np.array([0, 0.05, 0], np.float32)), atol=1e-6)
+    np.testing.assert_allclose(bundle.mean, scene.from_blender(ref + np.array([0, 0.05, 0], np.float32)), atol=1e-6)
     np.testing.assert_allclose(bundle.basis[1], np.tile([0, 0.3, 0], (len(ref), 1)), atol=1e-6)  # Blender +Z = glTF +Y
-    path = bundle_io.save(bundle, tmp_path / "monkey.npz")
+    path = scene.bundles().save(bundle, tmp_path / "monkey.npz")
     if not BACKEND_PYTHON.is_file():
-        pytest.skip("backend environment missing: cannot cross-check with sds_backend.morphable")
-    code = ("import sys; from sds_backend.morphable import MorphableModel as M; m = M.load(sys.argv[1]); "
+        pytest.skip("backend environment missing: cannot cross-check with the backend's numpy")
+    code = ("import sys; from sds_backend import bundle; m = bundle.load(sys.argv[1]); "
             "print(m.num_vertices, m.num_components, ','.join(m.names), m.faces.shape[0])")
     out = subprocess.run([str(BACKEND_PYTHON), "-c", code, str(path)], capture_output=True, text=True, cwd=ROOT,
                          timeout=120)

@@ -28,7 +28,7 @@ def test_missing_backend_python_exits_3(run_headless):
 def test_missing_model_folder_exits_3(run_headless, tmp_path):
     code, err = run_headless("--prompt", "a head", "--model", str(tmp_path / "no-such-model"))
     assert code == 3, err
-    assert f"error: Model folder not found: {tmp_path / 'no-such-model'}" in err
+    assert f"error: model: folder {tmp_path / 'no-such-model'} not found" in err
 
 
 def test_backend_answering_garbage_exits_4_and_writes_nothing(run_headless, fake_backend, tmp_path):

@@ -79,7 +79,7 @@ def test_missing_model_folder(head, prefs):
 
     obj, names, weights = head
     prefs.model = "/nonexistent/models/sd15"
-    assert "Model folder not found: /nonexistent/models/sd15" in _fit_error()
+    assert "model: folder /nonexistent/models/sd15 not found" in _fit_error()
     assert scene.read_weights(obj, names) == weights
 
 

@@ -61,8 +61,8 @@ def test_install_into_blender_enables_the_addon_and_headless_uses_it(tmp_path, b
         assert installed.is_symlink() and installed.resolve() == ROOT / "blender_addon"
         expected_protocol = ROOT / "sds_backend" / "protocol.py"
     else:
-        assert (installed / "protocol.py").read_bytes() == (ROOT / "sds_backend" / "protocol.py").read_bytes()
-        expected_protocol = installed / "protocol.py"
+        assert (installed / "shared" / "protocol.py").read_bytes() == (ROOT / "sds_backend" / "protocol.py").read_bytes()
+        expected_protocol = installed / "shared" / "protocol.py"
     # a fresh Blender with the saved preferences: enabled, path remembered, the right protocol file loaded
     check = blender_script(tmp_path, """
         import bpy, sys
@@ -174,10 +174,10 @@ def test_quitting_blender_mid_fit_ends_the_backend(tmp_path, blender_env, synthe
         sys.path.insert(0, {str(ROOT)!r})
         import bpy, blender_addon
         blender_addon.register()
-        from blender_addon import bridge, bundle_io, controller, scene
-        obj = scene.build_head(bundle_io.load({str(synthetic_bundle)!r}))
+        from blender_addon import bridge, controller, scene
+        obj = scene.build_head(scene.load_bundle({str(synthetic_bundle)!r}))
         ctl = controller.CONTROLLER
-        inputs = controller.FitInputs(prompt="x", model={model!r}, shape_steps={steps}, render_size=64, event_every=1)
+        inputs = controller.FitInputs(prompt="x", model={model!r}, config=dict(shape_steps={steps}, render_size=64, event_every=1))
         ctl.start_fit(obj, inputs, bridge.BackendSettings(python={python!r}, device="cpu"))
         deadline = time.monotonic() + 120
         while ctl.status.updates_applied < 2 and ctl.busy and time.monotonic() < deadline:

@@ -144,7 +144,10 @@ def test_model_the_backend_cannot_load_is_reported(real, head, tmp_path):
     from blender_addon import scene
 
     obj, names, before = head
-    real.model = str(tmp_path)  # exists, but holds no model
+    real.model = str(tmp_path)  # exists, but holds no model: refused before anything starts
+    with pytest.raises(RuntimeError, match="has no model_index.json"):
+        bpy.ops.sdshead.fit()
+    (tmp_path / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')  # but nothing else
     assert bpy.ops.sdshead.fit() == {"FINISHED"}
     status = _run()
     assert status.state == "failed"

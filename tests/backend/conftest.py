@@ -12,7 +12,7 @@ def tiny_sd_dir():
 
     Built once per machine into the user cache (about a second to make, plus the imports).
     """
-    from sds_backend.tiny_sd import cached_tiny_sd
+    from sds_backend.tools.tiny_sd import cached_tiny_sd
 
     return cached_tiny_sd()
 
@@ -29,6 +29,6 @@ def _one_torch_thread():
 @pytest.fixture(autouse=True, scope="session")
 def _allocator_as_in_the_cli():
     # the CLI tunes glibc's allocator before it renders; tests that fit in-process run the same way
-    from sds_backend.allocator import tune_for_reuse
+    from sds_backend.app.allocator import tune_for_reuse
 
     tune_for_reuse()

@@ -6,11 +6,11 @@ import math
 import numpy as np
 import torch
 
-from sds_backend.morphable import MorphableModel
-from sds_backend.procedural import uv_sphere
+from sds_backend.bundle import Bundle
+from sds_backend.tools.procedural import uv_sphere
 
 
-def synthetic_model(num_components: int = 8, n_lat: int = 17, n_lon: int = 34, seed: int = 0) -> MorphableModel:
+def synthetic_model(num_components: int = 8, n_lat: int = 17, n_lon: int = 34, seed: int = 0) -> Bundle:
     """Ellipsoid ~ 18 x 24 x 20 cm with orthonormalised low-order displacement fields.
 
     Components move vertices along the normal by up to 8% of the radius at weight 1; UVs are
@@ -31,7 +31,7 @@ def synthetic_model(num_components: int = 8, n_lat: int = 17, n_lon: int = 34, s
     u = (torch.atan2(x, z) / (2 * math.pi) + 0.5).clamp(0, 1)
     v = (torch.asin(y.clamp(-1, 1)) / math.pi + 0.5).clamp(0, 1)
     uv = torch.stack([u, v], 1)
-    return MorphableModel.from_arrays(
+    return Bundle.from_arrays(
         mean=mean.numpy().astype(np.float32), basis=basis.numpy().astype(np.float32),
         names=np.array([f"c{i:02d}" for i in range(num_components)]), faces=faces.numpy().astype(np.int32),
         uv=uv.numpy().astype(np.float32), uv_faces=faces.numpy().astype(np.int32),

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from sds_backend import bench_fit, bench_raster
+from sds_backend.tools import bench_fit, bench_raster
 
 
 def _positive(value) -> bool:

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from sds_backend import _head_source as source
-from sds_backend import make_head
-from sds_backend.morphable import MorphableModel
+from sds_backend import bundle
+from sds_backend.tools import head_source as source
+from sds_backend.tools import make_head
 
 ROOT = Path(__file__).resolve().parents[2]
 BUNDLE = ROOT / "assets" / "default_head.npz"
@@ -25,8 +25,8 @@ LICENCE = ROOT / "assets" / "LICENSE-CC0.txt"
 
 
 @pytest.fixture(scope="module")
-def head() -> MorphableModel:
-    return MorphableModel.load(BUNDLE)
+def head() -> bundle.Bundle:
+    return bundle.load(BUNDLE)
 
 
 @pytest.fixture(scope="module")
@@ -379,7 +379,7 @@ def test_make_head_is_reproducible_and_matches_the_committed_bundle(tmp_path):
         assert main(["make-head", "--wheel", str(wheel), "--out", str(out)]) == 0
         assert time.perf_counter() - started < 120          # the build budget, on 2 cores
     assert first.read_bytes() == second.read_bytes()
-    built, committed = MorphableModel.load(first), MorphableModel.load(BUNDLE)
+    built, committed = bundle.load(first), bundle.load(BUNDLE)
     assert built.names == committed.names and built.meta == committed.meta
     for field in ("faces", "uv_faces", "polygons"):
         np.testing.assert_array_equal(getattr(built, field), getattr(committed, field))

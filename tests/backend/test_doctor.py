@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from sds_backend.__main__ import main
-from sds_backend.morphable import MorphableModel
+from sds_backend import bundle
 
 
 @pytest.fixture
@@ -15,12 +15,12 @@ def head_bundle(tmp_path):
     """A valid two-component tetrahedron bundle."""
     mean = np.array([[0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1]], dtype=np.float32)
     faces = np.array([[0, 2, 1], [0, 1, 3], [0, 3, 2], [1, 2, 3]], dtype=np.int32)
-    head = MorphableModel.from_arrays(
+    head = bundle.Bundle.from_arrays(
         mean=mean, basis=np.random.default_rng(0).normal(size=(2, 4, 3)).astype(np.float32), names=np.array(["a", "b"]),
         faces=faces, uv=mean[:, :2].copy(), uv_faces=faces,
     )
     path = tmp_path / "head.npz"
-    head.save(path)
+    bundle.save(head, path)
     return path
 
 

@@ -11,8 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-from sds_backend.fit import FitConfig, Fitter, load_checkpoint
-from sds_backend.guidance import GuidanceConfig, StableDiffusionGuidance
+from sds_backend.core.checkpoint import CheckpointError
+from sds_backend.core.fit import Fitter
+from sds_backend.core.guidance import GuidanceConfig, StableDiffusionGuidance
+from sds_backend.fit_config import FitConfig
 from synthetic import synthetic_model
 
 
@@ -72,11 +74,10 @@ def test_oracle_fit_recovers_shape_weights(pipeline):
 def test_oracle_fit_recovers_the_default_heads_strongest_components(pipeline):
     # the same recovery on the shipped head, restricted to its six strongest components: the tail
     # components move the surface by fractions of a millimetre, which a 128² render cannot resolve
-    from sds_backend.job import DEFAULT_BUNDLE
-    from sds_backend.morphable import MorphableModel
+    from sds_backend import DEFAULT_BUNDLE, bundle
 
-    head = MorphableModel.load(DEFAULT_BUNDLE)
-    model = MorphableModel.from_arrays(mean=head.mean, basis=head.basis[:6], names=head.names[:6], faces=head.faces,
+    head = bundle.load(DEFAULT_BUNDLE)
+    model = bundle.Bundle.from_arrays(mean=head.mean, basis=head.basis[:6], names=head.names[:6], faces=head.faces,
                                        uv=head.uv, uv_faces=head.uv_faces, meta=head.meta)
     config = FitConfig(shape_steps=150, render_size=128, guidance_resolution=128, lr=0.1, lr_decay=0.1, event_every=50)
     fitter, _ = _oracle_fitter(pipeline, model, config)
@@ -90,7 +91,7 @@ def test_oracle_fit_recovers_the_default_heads_strongest_components(pipeline):
 def _visible_texels(fitter: Fitter, views: int = 256) -> torch.Tensor:
     """bool [S, S]: texels that get gradient from at least one of `views` cameras drawn from the
     texture stage's distribution (the rest, e.g. the poles beyond the pitch range, are never seen)."""
-    from sds_backend.render import shading
+    from sds_backend.core.render import shading
 
     size = fitter.config.texture_size
     probe = torch.full((1, size, size, 3), 0.5, requires_grad=True)
@@ -177,8 +178,8 @@ def test_resume_continues_bit_for_bit(pipeline, tmp_path):
     fitter, _ = _oracle_fitter(pipeline, model, config)
     whole = fitter.run("a face")
 
-    checkpoint = tmp_path / "checkpoint.pt"
-    crash_copy = tmp_path / "as_of_a_crash.pt"
+    checkpoint = tmp_path / "checkpoint.safetensors"
+    crash_copy = tmp_path / "as_of_a_crash.safetensors"
     fitter, _ = _oracle_fitter(pipeline, model, config)
     steps = []
 
@@ -187,20 +188,20 @@ def test_resume_continues_bit_for_bit(pipeline, tmp_path):
         if hasattr(event, "loss") and event.iteration == 4:   # the periodic checkpoint of iteration 3
             crash_copy.write_bytes(checkpoint.read_bytes())
 
-    interrupted = fitter.run("a face", on_event=on_event, should_stop=lambda: len(steps) >= 6, checkpoint=checkpoint)
+    interrupted = fitter.run("a face", on_event=on_event, should_stop=lambda: len(steps) >= 6, checkpoint_path=checkpoint)
     assert interrupted.stopped
     for saved in (checkpoint, crash_copy):      # a clean stop, and a crash after a periodic checkpoint
         fitter, _ = _oracle_fitter(pipeline, model, config)
-        state = load_checkpoint(saved, fitter, "a face")
+        state = fitter.load_checkpoint(saved, "a face")
         resumed = fitter.run("a face", state=state)
         assert resumed.iterations == whole.iterations
         assert np.array_equal(resumed.weights, whole.weights)
         assert np.array_equal(resumed.texture, whole.texture)
-    with pytest.raises(ValueError, match="made for prompt"):
-        load_checkpoint(checkpoint, fitter, "another prompt")
+    with pytest.raises(CheckpointError, match="made for prompt"):
+        fitter.load_checkpoint(checkpoint, "another prompt")
     other, _ = _oracle_fitter(pipeline, model, _short_config(seed=3))
-    with pytest.raises(ValueError, match="different config \\(seed\\)"):
-        load_checkpoint(checkpoint, other, "a face")
+    with pytest.raises(CheckpointError, match="different config \\(seed\\)"):
+        other.load_checkpoint(checkpoint, "a face")
 
 
 @pytest.mark.parametrize("values,message", [
@@ -221,7 +222,7 @@ def test_config_errors_name_the_field(values, message):
 
 def test_bad_prompt_and_initial_weights_are_refused(pipeline):
     fitter, _ = _oracle_fitter(pipeline, synthetic_model(6), _short_config())
-    with pytest.raises(ValueError, match="prompt: expected a non-empty text"):
+    with pytest.raises(ValueError, match="Prompt is empty"):
         fitter.run("  ")
     with pytest.raises(ValueError, match="initial_weights: expected 6 values"):
         fitter.run("a face", initial_weights=[0.0, 1.0])
@@ -254,17 +255,17 @@ def test_fit_command_writes_all_outputs(tiny_sd_dir, tmp_path):
     fit = json.loads((out / "fit.json").read_text())
     assert fit["prompt"] == "Winston Churchill" and fit["iterations"] == 7
 
-    # a bad request fails with a specific message and a non-zero exit code
+    # a bad request fails with a specific message and the bad-input exit code, before anything is written
     bad = subprocess.run([sys.executable, "-m", "sds_backend", "fit", "--prompt", "x", "--out", str(tmp_path / "b"),
                           "--model", str(tmp_path / "nowhere")], capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 2 and "cannot load Stable Diffusion model" in bad.stderr
-    assert "Traceback" not in bad.stderr
+    assert bad.returncode == 3 and f"model: folder {tmp_path / 'nowhere'} not found" in bad.stderr
+    assert "Traceback" not in bad.stderr and not (tmp_path / "b").exists()
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_fit_runs_on_cuda_in_float16(tiny_sd_dir):
-    from sds_backend.guidance import StableDiffusionGuidance
+    from sds_backend.core.guidance import StableDiffusionGuidance
 
     guidance = StableDiffusionGuidance.from_config(GuidanceConfig(model=str(tiny_sd_dir)), "cuda")
     assert guidance.weights_dtype == torch.float16
@@ -286,27 +287,30 @@ def test_non_finite_gradients_skip_the_step_and_keep_the_weights(pipeline):
 
 def test_corrupt_or_foreign_checkpoint_is_refused(pipeline, tmp_path):
     fitter, _ = _oracle_fitter(pipeline, synthetic_model(6), _short_config())
-    (tmp_path / "garbage.pt").write_bytes(b"\x80\x04 certainly not a checkpoint")
-    with pytest.raises(ValueError, match="cannot read checkpoint"):
-        load_checkpoint(tmp_path / "garbage.pt", fitter, "a face")
-    torch.save([1, 2, 3], tmp_path / "list.pt")
-    with pytest.raises(ValueError, match="not an SDS Head checkpoint"):
-        load_checkpoint(tmp_path / "list.pt", fitter, "a face")
+    (tmp_path / "garbage.safetensors").write_bytes(b"\x80\x04 certainly not a checkpoint")
+    with pytest.raises(CheckpointError, match="not a readable SDS Head checkpoint"):
+        fitter.load_checkpoint(tmp_path / "garbage.safetensors", "a face")
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(3)}, tmp_path / "foreign.safetensors")
+    with pytest.raises(CheckpointError, match="not a readable SDS Head checkpoint"):
+        fitter.load_checkpoint(tmp_path / "foreign.safetensors", "a face")
     steps = []
-    fitter.run("a face", on_event=steps.append, should_stop=lambda: len(steps) >= 2, checkpoint=tmp_path / "c.pt")
+    fitter.run("a face", on_event=steps.append, should_stop=lambda: len(steps) >= 2,
+               checkpoint_path=tmp_path / "c.safetensors")
     other_model, _ = _oracle_fitter(pipeline, synthetic_model(6, seed=1), _short_config())
-    with pytest.raises(ValueError, match="another morphable model"):
-        load_checkpoint(tmp_path / "c.pt", other_model, "a face")
+    with pytest.raises(CheckpointError, match="another morphable model"):
+        other_model.load_checkpoint(tmp_path / "c.safetensors", "a face")
 
 
 def test_compile_setting_reaches_the_unet(tiny_sd_dir, tmp_path):
     # `{"compile": true}` in a request's config wraps the UNet in torch.compile (compiled on first use)
-    from sds_backend.job import Backend, FitRequest
+    from sds_backend.app.job import Backend
+    from sds_backend.app.request import make_request
 
     backend = Backend(torch.device("cpu"))
     for flag in (False, True):
-        job = backend.prepare(FitRequest(prompt="a face", out_dir=tmp_path / str(flag), model=str(tiny_sd_dir),
-                                         config=FitConfig(compile=flag, shape_steps=1)))
+        job = backend.prepare(make_request("a face", model=str(tiny_sd_dir), config=FitConfig(compile=flag, shape_steps=1)))
         guidance = job.fitter.guidance
         assert (guidance._unet is not guidance.model.unet) is flag
     with pytest.raises(ValueError, match="config.compile: expected true or false"):

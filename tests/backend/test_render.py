@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from meshes import perspective_clip, triangle_soup
-from sds_backend.procedural import uv_sphere
+from sds_backend.tools.procedural import uv_sphere
 from reference_render import reference_rasterize
-from sds_backend.bench_raster import silhouette_gradient_error
-from sds_backend.render import antialias, camera, interpolate, prepare_topology, rasterize, shading, texture
-from sds_backend.render.rasterize import COVERED_KEY_LIMIT
+from sds_backend.tools.bench_raster import silhouette_gradient_error
+from sds_backend.core.render import antialias, camera, interpolate, prepare_topology, rasterize, shading, texture
+from sds_backend.core.render.rasterize import COVERED_KEY_LIMIT
 
 
 def _compare_with_reference(clip: torch.Tensor, faces: torch.Tensor, height: int, width: int):
@@ -444,7 +444,7 @@ def test_float32_barycentrics_keep_their_precision_on_small_triangles():
     # 20k triangles at 256²: a few pixels each. Corner-relative cross products keep float32
     # within ~1e-4 of float64; expanding det[v_j, v_k, p] (terms the size of the coordinates)
     # loses about 5e-3 here.
-    from sds_backend.procedural import sphere_with_faces
+    from sds_backend.tools.procedural import sphere_with_faces
 
     vertices, faces = sphere_with_faces(20_000, torch.float64)
     cams = camera.orbit_cameras(torch.tensor([20.0]), torch.tensor([10.0]), 3.6, fov_deg=40)
@@ -458,7 +458,7 @@ def test_float32_barycentrics_keep_their_precision_on_small_triangles():
 def test_grey_render_matches_its_three_channel_composite():
     # Lambert renders antialias one grey channel and widen it; over a grey background that must
     # equal compositing the same colour as three channels, in the image and in the gradient
-    from sds_backend.render.shading import _composite, _vertex_lambert
+    from sds_backend.core.render.shading import _composite, _vertex_lambert
 
     vertices, faces = uv_sphere(15, 30)
     cams = camera.orbit_cameras(torch.tensor([30.0]), torch.tensor([10.0]), 3.0)

@@ -15,6 +15,7 @@ import pytest
 
 from sds_backend import protocol
 
+V = protocol.PROTOCOL_VERSION
 FAST = {"shape_steps": 40, "render_size": 64, "guidance_resolution": 64, "event_every": 1, "texture_size": 64, "gif_frames": 3,
         "checkpoint_every": 0}
 
@@ -40,7 +41,7 @@ class ServerProcess:
         self.proc.stdin.flush()
 
     def send(self, message_type: str, **fields):
-        self.send_raw((json.dumps({"v": 1, "type": message_type, **fields}) + "\n").encode())
+        self.send_raw((json.dumps({"v": protocol.PROTOCOL_VERSION, "type": message_type, **fields}) + "\n").encode())
 
     def next(self, timeout: float = 60.0) -> dict:
         return self.lines.get(timeout=timeout)
@@ -194,25 +195,25 @@ def _malformed_inputs(model: str, tmp_path: Path) -> list[tuple[bytes, str]]:
         return (json.dumps(obj) + "\n").encode()
 
     def fit(**fields) -> bytes:
-        base = {"v": 1, "type": "fit", "id": "x", "prompt": "a man", "model": model, "config": dict(FAST, shape_steps=1),
+        base = {"v": V, "type": "fit", "id": "x", "prompt": "a man", "model": model, "config": dict(FAST, shape_steps=1),
                 "job_dir": str(tmp_path / "bad")}
         base.update(fields)
         return line({k: v for k, v in base.items() if v is not ...})
 
-    bad_json = [b"{\n", b"not json\n", b"{'single': 'quotes'}\n", b'{"v": 1, "type": "fit",}\n', b"[1, 2\n",
-                b"\xff\xfe\xfd\n", b'{"v": 1, "type": "stop"} trailing\n', b"nul\x00l\n"]
+    bad_json = [b"{\n", b"not json\n", b"{'single': 'quotes'}\n", b'{"v": %d, "type": "fit",}\n' % V, b"[1, 2\n",
+                b"\xff\xfe\xfd\n", b'{"v": %d, "type": "stop"} trailing\n' % V, b"nul\x00l\n"]
     cases = [(data, "bad_message") for data in bad_json]
     cases += [(line(value), "bad_message") for value in ([], 3, "fit", None, True)]
     cases += [
         (line({"type": "fit"}), "bad_message"),                                   # no version
-        (line({"v": 2, "type": "stop"}), "bad_message"),                          # wrong version
-        (line({"v": "1", "type": "stop"}), "bad_message"),
+        (line({"v": V + 1, "type": "stop"}), "bad_message"),                      # wrong version
+        (line({"v": str(V), "type": "stop"}), "bad_message"),
         (line({"v": 1}), "bad_message"),                                          # no type
-        (line({"v": 1, "type": "dance"}), "bad_message"),                         # unknown type
-        (line({"v": 1, "type": "progress", "id": "a"}), "bad_message"),           # backend-only type
-        (line({"v": 1, "type": "hello"}), "bad_message"),
-        (line({"v": 1, "type": "stop", "extra": 1}), "bad_message"),              # unknown field
-        (b'{"v": 1, "type": "stop", "id": "' + b"x" * (protocol.MAX_LINE_BYTES + 10) + b'"}\n', "bad_message"),
+        (line({"v": V, "type": "dance"}), "bad_message"),                         # unknown type
+        (line({"v": V, "type": "progress", "id": "a"}), "bad_message"),           # backend-only type
+        (line({"v": V, "type": "hello"}), "bad_message"),
+        (line({"v": V, "type": "stop", "extra": 1}), "bad_message"),              # unknown field
+        (b'{"v": %d, "type": "stop", "id": "' % V + b"x" * (protocol.MAX_LINE_BYTES + 10) + b'"}\n', "bad_message"),
         (fit(id=...), "bad_message"),                                             # missing id
         (fit(id=7), "bad_message"),
         (fit(prompt=...), "bad_message"),
@@ -235,8 +236,8 @@ def _malformed_inputs(model: str, tmp_path: Path) -> list[tuple[bytes, str]]:
         (fit(initial_weights=[0.0, "a"]), "bad_message"),
         (fit(initial_weights=[0.0] * 3), "bad_request"),                          # wrong count
         (fit(initial_weights=[0.0] * 49 + [1e400]), "bad_message"),               # inf after parsing
-        (b'{"v": 1, "type": "fit", "id": "x", "prompt": "a", "initial_weights": [NaN]}\n', "bad_message"),
-        (b'{"v": 1, "type": "fit", "id": "x", "prompt": "a", "initial_weights": [Infinity]}\n', "bad_message"),
+        (b'{"v": %d, "type": "fit", "id": "x", "prompt": "a", "initial_weights": [NaN]}\n' % V, "bad_message"),
+        (b'{"v": %d, "type": "fit", "id": "x", "prompt": "a", "initial_weights": [Infinity]}\n' % V, "bad_message"),
         (fit(model=str(tmp_path / "no-such-model")), "model_error"),
         (fit(model="nobody/no-such-model-anywhere"), "model_error"),
         (fit(bundle=str(tmp_path / "missing.npz")), "bundle_error"),
@@ -244,12 +245,12 @@ def _malformed_inputs(model: str, tmp_path: Path) -> list[tuple[bytes, str]]:
         (fit(bundle=5), "bad_message"),
         (fit(job_dir=7), "bad_message"),
         (fit(outputs=["weights", "movie"]), "bad_message"),
-        (line({"v": 1, "type": "stop", "id": 3}), "bad_message"),
-        (line({"v": 1, "type": [1]}), "bad_message"),                             # unhashable type
-        (line({"v": 1, "type": {}}), "bad_message"),
-        (line({"v": True, "type": "stop"}), "bad_message"),                       # a bool is not version 1
+        (line({"v": V, "type": "stop", "id": 3}), "bad_message"),
+        (line({"v": V, "type": [1]}), "bad_message"),                             # unhashable type
+        (line({"v": V, "type": {}}), "bad_message"),
+        (line({"v": True, "type": "stop"}), "bad_message"),                       # a bool is not a version
         (b"[" * 100000 + b"\n", "bad_message"),                                   # nested too deep
-        (b'{"v": 1, "type": "stop", "id": ' + b"9" * 5000 + b"}\n", "bad_message"),  # int too long
+        (b'{"v": %d, "type": "stop", "id": ' % V + b"9" * 5000 + b"}\n", "bad_message"),  # int too long
     ]
     return cases
 

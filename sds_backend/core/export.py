@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import struct
 import zlib
 from pathlib import Path
@@ -20,21 +19,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .morphable import MorphableModel
+from ..bundle import Bundle
+from ..files import atomic_write
+from .morphable import MorphableTensors
 from .render import camera, prepare_topology, shading
 
 _ARRAY_BUFFER, _ELEMENT_ARRAY_BUFFER = 34962, 34963
 _FLOAT, _UNSIGNED_INT = 5126, 5125
 SKIN_TONE = (0.72, 0.56, 0.48)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write via a temporary file and rename, so readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
 
 
 def png_bytes(image: np.ndarray, level: int = 3) -> bytes:
@@ -60,20 +52,20 @@ def png_bytes(image: np.ndarray, level: int = 3) -> bytes:
 def write_weights_json(path: Path, names: Sequence[str], weights: np.ndarray) -> None:
     """{"component name": weight, ...} in the bundle's order."""
     mapping = {name: round(float(w), 6) for name, w in zip(names, weights)}
-    atomic_write_bytes(path, (json.dumps(mapping, indent=2) + "\n").encode())
+    atomic_write(path, (json.dumps(mapping, indent=2) + "\n").encode())
 
 
 def write_texture_png(path: Path, texture: np.ndarray) -> None:
     """uint8 [H, W, 3] texture, row 0 = v 1."""
-    atomic_write_bytes(path, png_bytes(texture))
+    atomic_write(path, png_bytes(texture))
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:
-    atomic_write_bytes(path, (json.dumps(payload, indent=2, sort_keys=True) + "\n").encode())
+    atomic_write(path, (json.dumps(payload, indent=2, sort_keys=True) + "\n").encode())
 
 
 # ------------------------------------------------------------------------------------------ GIF
-def write_evolution_gif(path: Path, model: MorphableModel, frames: Sequence[tuple[np.ndarray, np.ndarray | None]],
+def write_evolution_gif(path: Path, model: Bundle, frames: Sequence[tuple[np.ndarray, np.ndarray | None]],
                         size: int = 256, seconds: float = 3.0) -> int:
     """The head turning as the fit changes it: one frame per (weights, texture or None).
 
@@ -82,7 +74,7 @@ def write_evolution_gif(path: Path, model: MorphableModel, frames: Sequence[tupl
     """
     if not frames:
         raise ValueError("frames: expected at least one (weights, texture) snapshot")
-    tensors = model.torch_buffers()
+    tensors = MorphableTensors.from_bundle(model)
     topology = prepare_topology(tensors.faces)
     uv = torch.as_tensor(model.uv)
     uv_faces = torch.as_tensor(model.uv_faces, dtype=torch.int64)
@@ -107,7 +99,7 @@ def write_evolution_gif(path: Path, model: MorphableModel, frames: Sequence[tupl
     buffer = io.BytesIO()
     images[0].save(buffer, format="GIF", save_all=True, append_images=images[1:],
                    duration=max(20, int(1000 * seconds / count)), loop=0, optimize=False)
-    atomic_write_bytes(path, buffer.getvalue())
+    atomic_write(path, buffer.getvalue())
     return count
 
 
@@ -120,7 +112,7 @@ def resample_snapshots(snapshots: Sequence[Any], count: int) -> list[Any]:
 
 
 # ------------------------------------------------------------------------------------------ GLB
-def seam_split(model: MorphableModel) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def seam_split(model: Bundle) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One glTF vertex per distinct (position vertex, uv vertex) pair.
 
     -> source vertex index [N], uv index [N], triangles [F, 3] into the N new vertices.
@@ -171,7 +163,7 @@ class _GlbBuilder:
         return len(self.accessors) - 1
 
 
-def glb_bytes(model: MorphableModel, weights: np.ndarray, texture: np.ndarray | None = None,
+def glb_bytes(model: Bundle, weights: np.ndarray, texture: np.ndarray | None = None,
               include_expressions: bool = False, name: str = "SDSHead") -> bytes:
     """The head as a GLB: mean mesh + named morph targets, default weights = `weights`."""
     weights = np.asarray(weights, dtype=np.float32)
@@ -233,6 +225,6 @@ def glb_bytes(model: MorphableModel, weights: np.ndarray, texture: np.ndarray | 
             + struct.pack("<II", len(glb.blob), 0x004E4942) + bytes(glb.blob))
 
 
-def write_glb(path: Path, model: MorphableModel, weights: np.ndarray, texture: np.ndarray | None = None,
+def write_glb(path: Path, model: Bundle, weights: np.ndarray, texture: np.ndarray | None = None,
               include_expressions: bool = False) -> None:
-    atomic_write_bytes(path, glb_bytes(model, weights, texture, include_expressions))
+    atomic_write(path, glb_bytes(model, weights, texture, include_expressions))

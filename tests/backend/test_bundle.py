@@ -1,11 +1,14 @@
-"""The morphable-model bundle: round trip, vertices(weights), and one rejection per malformed field."""
+"""The morphable-model bundle: round trip, vertices(weights), .glb import, and one rejection per malformed field
+(more hostile files: test_hostile_inputs.py)."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
 
-from sds_backend.morphable import BundleError, MorphableModel
+from sds_backend import bundle
+from sds_backend.bundle import Bundle, BundleError
+from sds_backend.core.morphable import MorphableTensors
 
 
 def _arrays(num_components: int = 4, expressions: bool = True) -> dict:
@@ -29,11 +32,12 @@ def _arrays(num_components: int = 4, expressions: bool = True) -> dict:
 
 
 def test_round_trip_is_byte_reproducible(tmp_path):
-    model = MorphableModel.from_arrays(**_arrays())
-    model.save(tmp_path / "a.npz")
-    model.save(tmp_path / "b.npz")
+    model = Bundle.from_arrays(**_arrays())
+    bundle.save(model, tmp_path / "a.npz")
+    bundle.save(model, tmp_path / "b.npz")
     assert (tmp_path / "a.npz").read_bytes() == (tmp_path / "b.npz").read_bytes()
-    loaded = MorphableModel.load(tmp_path / "a.npz")
+    assert not list(tmp_path.glob(".*tmp"))
+    loaded = bundle.load(tmp_path / "a.npz")
     assert loaded.names == model.names and loaded.expr_names == ("jawOpen", "eyeBlinkLeft")
     assert loaded.meta == {"source": "test"}
     np.testing.assert_array_equal(loaded.basis, model.basis)
@@ -41,18 +45,18 @@ def test_round_trip_is_byte_reproducible(tmp_path):
 
 
 def test_vertices_is_mean_plus_weighted_basis_batched():
-    model = MorphableModel.from_arrays(**_arrays())
+    model = Bundle.from_arrays(**_arrays())
     weights = torch.tensor([[0.5, -1.0, 2.0, 0.0], [0.0, 0.0, 0.0, 0.0]], dtype=torch.float64)
-    vertices = model.vertices(weights)
+    vertices = MorphableTensors.from_bundle(model, dtype=torch.float64).vertices(weights)
     expected = model.mean[None] + np.einsum("bk,kvc->bvc", weights.numpy(), model.basis)
     assert vertices.shape == (2, 6, 3) and vertices.dtype == torch.float64
     np.testing.assert_allclose(vertices.numpy(), expected, rtol=1e-6, atol=1e-6)
     # differentiable in the weights, on the weights' device
     w = torch.zeros(4, requires_grad=True)
-    model.torch_buffers().vertices(w).sum().backward()
+    MorphableTensors.from_bundle(model).vertices(w).sum().backward()
     np.testing.assert_allclose(w.grad.numpy(), model.basis.sum((1, 2)), rtol=1e-5)
     with pytest.raises(ValueError, match="weights: expected last dimension K=4"):
-        model.vertices(torch.zeros(3))
+        MorphableTensors.from_bundle(model).vertices(torch.zeros(3))
 
 
 def _corrupt(name, value):
@@ -97,43 +101,43 @@ CORRUPTIONS = {
 def test_validate_rejects_malformed_bundle_naming_the_field(case, tmp_path):
     arrays, message = CORRUPTIONS[case]
     with pytest.raises(BundleError, match=message):
-        MorphableModel.from_arrays(**arrays)
+        Bundle.from_arrays(**arrays)
     # the same error through a file on disk, prefixed with the path
     np.savez(tmp_path / "bad.npz", **{k: v for k, v in arrays.items()})
     with pytest.raises(BundleError, match=message):
-        MorphableModel.load(tmp_path / "bad.npz")
+        bundle.load(tmp_path / "bad.npz")
 
 
 def test_unreadable_files(tmp_path):
-    with pytest.raises(BundleError, match="bundle not found"):
-        MorphableModel.load(tmp_path / "nope.npz")
+    with pytest.raises(BundleError, match="bundle: .*nope.npz not found"):
+        bundle.load(tmp_path / "nope.npz")
     for junk in (b"not a zip", b"PK\x03\x04 a broken zip"):
         (tmp_path / "junk.npz").write_bytes(junk)
-        with pytest.raises(BundleError, match="cannot read bundle"):
-            MorphableModel.load(tmp_path / "junk.npz")
+        with pytest.raises(BundleError, match="cannot read the file as an .npz bundle"):
+            bundle.load(tmp_path / "junk.npz")
 
 
 def test_glb_round_trip_rebuilds_the_model(tmp_path):
-    from sds_backend.export import write_glb
+    from sds_backend.core.export import write_glb
     from synthetic import synthetic_model
 
     model = synthetic_model(5)
     weights = np.linspace(-1, 1, 5).astype(np.float32)
     write_glb(tmp_path / "head.glb", model, weights)
-    imported = MorphableModel.load(tmp_path / "head.glb")
+    imported = bundle.load(tmp_path / "head.glb")
     assert imported.names == model.names
     # the exporter split vertices at UV seams; the importer welds them back
     assert imported.num_vertices == model.num_vertices
     assert imported.faces.shape == model.faces.shape
     w = torch.tensor(weights)
-    ours = model.vertices(w).numpy()[model.faces]
-    theirs = imported.vertices(w).numpy()[imported.faces]
+    ours = MorphableTensors.from_bundle(model).vertices(w).numpy()[model.faces]
+    theirs = MorphableTensors.from_bundle(imported).vertices(w).numpy()[imported.faces]
     np.testing.assert_allclose(theirs, ours, atol=1e-6)
     np.testing.assert_allclose(imported.uv[imported.uv_faces], model.uv[model.uv_faces], atol=1e-6)
 
 
 def test_glb_without_morph_targets_is_refused(tmp_path):
-    from sds_backend.export import glb_bytes
+    from sds_backend.core.export import glb_bytes
     from synthetic import synthetic_model
 
     data = glb_bytes(synthetic_model(3), np.zeros(3, np.float32))
@@ -150,7 +154,7 @@ def test_glb_without_morph_targets_is_refused(tmp_path):
     (tmp_path / "plain.glb").write_bytes(struct.pack("<III", 0x46546C67, 2, 20 + len(text) + len(rest))
                                          + struct.pack("<II", len(text), 0x4E4F534A) + text + rest)
     with pytest.raises(BundleError, match="no morph targets"):
-        MorphableModel.load(tmp_path / "plain.glb")
+        bundle.load(tmp_path / "plain.glb")
     (tmp_path / "fake.glb").write_bytes(b"not a glb at all")
     with pytest.raises(BundleError, match="not a binary glTF"):
-        MorphableModel.load(tmp_path / "fake.glb")
+        bundle.load(tmp_path / "fake.glb")

@@ -11,10 +11,11 @@ import time
 
 import torch
 
-from .fit import FitConfig, Fitter, PhaseTimer
-from .guidance import GuidanceConfig, StableDiffusionGuidance
-from .job import DEFAULT_BUNDLE
-from .morphable import MorphableModel
+from .. import bundle
+from ..core.fit import Fitter, PhaseTimer
+from ..core.guidance import GuidanceConfig, StableDiffusionGuidance
+from ..fit_config import FitConfig
+from .. import DEFAULT_BUNDLE
 
 PHASES = ("render", "vae_encode", "unet", "backward", "optimizer")
 
@@ -87,7 +88,7 @@ def run(device: torch.device, repeats: int = 25, model: str | None = None) -> di
     render_size = 512 if model == "sd15-arch" else 256
     guidance = _guidance(model, device)
     config = FitConfig(render_size=render_size, shading="lambert", checkpoint_every=0)
-    fitter = Fitter(MorphableModel.load(DEFAULT_BUNDLE), guidance, config, device)
+    fitter = Fitter(bundle.load(DEFAULT_BUNDLE), guidance, config, device)
     fitter.guidance.set_prompt("a portrait of an old man")
     state = fitter.initial_state()
     optimizer = fitter._stage_optimizer("shape", state)

@@ -3,10 +3,14 @@
 A fit step allocates and frees the same few hundred tensors every iteration, many of them
 between 128 KiB and a few MiB. With glibc's defaults such blocks come from fresh `mmap`s, or
 from heap memory that `free` has just trimmed back to the OS, so every step pays a page fault
-per 4 KiB touched (measured: 300-600 faults per 20k-triangle render step at 256², about 30
-once tuned; tests/backend/test_allocator.py). Keeping blocks below 32 MiB in the heap and never
-trimming it makes later steps reuse memory that is already mapped. The price is that the
-process keeps its peak heap until it exits, which is what a fit process wants anyway.
+per 4 KiB touched. Keeping blocks below 32 MiB in the heap and never trimming it makes later
+steps reuse memory that is already mapped. The price is that the process keeps its peak heap
+until it exits, which is what a fit process wants anyway.
+
+Measured on the real workload (a shape step of the SD 1.5 architecture with random weights on a
+2-core CPU, one process per setting, alternating): 2.1-2.4 M page faults per step tuned against
+3.2-3.9 M with glibc's defaults, and steps of 25-30 s against 30-36 s (paired ratio about 0.85).
+On CUDA the big buffers live on the GPU and this changes little.
 
 Only the processes this package owns call it (the CLI and its tests); importing the library
 changes nothing.

@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
-import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Literal, Sequence, get_args
@@ -35,10 +33,10 @@ from typing import Any, Callable, Literal, Sequence, get_args
 import torch
 import torch.nn.functional as F
 
-DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-MODEL_ENV = "SDS_HEAD_MODEL"
+from ..files import InputError
+from ..fit_config import Weighting
+from ..inputs import DEFAULT_MODEL, MODEL_ENV, check_model_source, default_model_id, model_identity
 
-Weighting = Literal["1-alpha", "sqrt_alpha_1m_alpha", "uniform"]
 Dtype = Literal["auto", "float32", "float16"]
 # noise_predictor(z_t [2B, 4, h, w], t int64 [2B], text_embeddings [2B, L, D]) -> ε [2B, 4, h, w]
 NoisePredictor = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -47,11 +45,6 @@ Angles = float | Sequence[float] | torch.Tensor
 
 class ModelLoadError(ValueError):
     """A diffusion model that cannot be loaded; the message lists what was tried and what to do."""
-
-
-def default_model_id() -> str:
-    """$SDS_HEAD_MODEL if set, else the SD 1.5 mirror."""
-    return os.environ.get(MODEL_ENV) or DEFAULT_MODEL
 
 
 # ---------------------------------------------------------------------------------- configuration
@@ -84,7 +77,8 @@ class TimestepSchedule:
 
 @dataclass(frozen=True)
 class GuidanceConfig:
-    """Settings of StableDiffusionGuidance (requests reach them through FitConfig's fields)."""
+    """Settings of StableDiffusionGuidance. A fit sets guidance_scale, weighting and resolution from its
+    FitConfig (Fitter) and compile from FitConfig.compile (app/job.py); the others keep their defaults."""
 
     model: str = field(default_factory=default_model_id)
     """Hub id or local folder of a diffusers SD checkpoint (default $SDS_HEAD_MODEL or SD 1.5)."""
@@ -211,7 +205,6 @@ _HOW_TO_PASS_A_FOLDER = (
     "the \"model\" field of a fit request (the add-on's Model preference). On a machine with network, "
     f"`hf download {DEFAULT_MODEL} --local-dir DIR` makes such a folder."
 )
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
 def load_model(
@@ -225,17 +218,11 @@ def load_model(
     stack trace) when every source fails. A download first asks the Hub about the repo once with
     a short timeout, so an unreachable Hub fails in seconds instead of retrying.
     """
+    try:
+        check_model_source(model)
+    except InputError as exc:
+        raise ModelLoadError(f"cannot load Stable Diffusion model {model!r}: {exc}\n{_HOW_TO_PASS_A_FOLDER}") from None
     folder = Path(model).expanduser()
-    if not folder.is_dir() and not _HUB_ID.fullmatch(model):
-        raise ModelLoadError(
-            f"cannot load Stable Diffusion model {model!r}: there is no such folder and it is not a hub id "
-            f"(owner/name).\n{_HOW_TO_PASS_A_FOLDER}"
-        )
-    if folder.is_dir() and not (folder / "model_index.json").is_file():
-        raise ModelLoadError(
-            f"cannot load Stable Diffusion model from folder {folder}: it has no model_index.json, so it is not "
-            f"a diffusers pipeline folder.\n{_HOW_TO_PASS_A_FOLDER}"
-        )
     # seconds to import: only once there is a plausible source
     _quiet_image_processor_notice()
     from diffusers import StableDiffusionPipeline
@@ -255,7 +242,7 @@ def load_model(
             raise ModelLoadError(
                 f"cannot load Stable Diffusion model from folder {folder}: {_one_line(exc)}\n{_HOW_TO_PASS_A_FOLDER}"
             ) from None
-        return _freeze(pipe, str(folder), dtype, torch.device(device), vae_dtype or dtype)
+        return _freeze(pipe, model_identity(model), dtype, torch.device(device), vae_dtype or dtype)
     tried = [f"local folder ./{model}: not found"]
     try:
         return _freeze(from_pretrained(model, local_files_only=True), model, dtype, torch.device(device), vae_dtype or dtype)
@@ -400,7 +387,7 @@ class StableDiffusionGuidance:
         device = torch.device(device)
         dtype = resolve_dtype(config.dtype, device)
         vae_dtype = torch.float32 if config.vae_float32 else dtype
-        model_id = getattr(pipe, "name_or_path", None) or config.model
+        model_id = str(getattr(pipe, "name_or_path", None) or config.model)
         return cls(_freeze(pipe, model_id, dtype, device, vae_dtype), config, noise_predictor)
 
     def with_settings(self, **changes: Any) -> "StableDiffusionGuidance":

@@ -25,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
-    from .job import resolve_device
+    from ..app.device import resolve_device
 
     try:
         device = resolve_device(args.device)

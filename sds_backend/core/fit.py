@@ -19,188 +19,27 @@ repeatable; checkpoints store that generator's state, and `resume` continues bit
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, get_args
+from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..bundle import Bundle
+from ..fit_config import Background, FitConfig, Stage
+from ..inputs import check_prompt
+from . import checkpoint
+from .checkpoint import FitState, Snapshot
 from .guidance import StableDiffusionGuidance, TimestepSchedule
-from .morphable import MorphableModel
+from .morphable import MorphableTensors
 from .render import camera, prepare_topology, shading
 
 log = logging.getLogger("sds_backend")
-Stage = Literal["shape", "texture"]
-Shading = Literal["mixed", "lambert", "normal"]
-TextureParam = Literal["pyramid", "rgb"]
-Background = Literal["black", "white", "random"]
-CHECKPOINT_VERSION = 1
-
-
-@dataclass(frozen=True)
-class FitConfig:
-    """Every knob of a fit, with the defaults from ../shared/SDS_DEFAULTS.md (see there for sources)."""
-
-    stages: tuple[Stage, ...] = ("shape",)
-    """Stages to run, in order: "shape" (the weights) and/or "texture" (the UV texture)."""
-    shape_steps: int = 200
-    """Iterations of the shape stage."""
-    texture_steps: int = 400
-    """Iterations of the texture stage."""
-    seed: int = 0
-    """Seed of the one generator behind cameras, lights, timesteps and noise."""
-    guidance_scale: float = 100.0
-    """Classifier-free guidance scale (DreamFusion-style SDS uses 100)."""
-    weighting: Literal["1-alpha", "sqrt_alpha_1m_alpha", "uniform"] = "1-alpha"
-    """w(t) of the SDS gradient."""
-    t_min: float = 0.02
-    """Lowest diffusion timestep, as a fraction of the train steps."""
-    t_max: float = 0.98
-    """Highest diffusion timestep at the start of each stage."""
-    shape_t_max_end: float | None = None
-    """Highest timestep at the end of the shape stage; None keeps t_max."""
-    texture_t_max_end: float | None = 0.5
-    """Highest timestep at the end of the texture stage (annealed linearly from t_max)."""
-    lr: float = 0.05
-    """Adam learning rate of the shape weights at the start of the stage."""
-    lr_decay: float = 1.0
-    """The shape learning rate decays exponentially to lr * lr_decay by the end; 1 (FaceG2E) keeps it
-    constant. Adam's steps do not shrink with the gradient, so at a constant rate the weights keep
-    jittering by about lr (0.05 sd: invisible); below 1 they settle, but travel less."""
-    texture_lr: float = 0.05
-    """Adam learning rate of the texture parameters (decays x0.9 every 100 steps)."""
-    l2_weight: float = 1e-3
-    """Weight of the L2 penalty on the shape weights."""
-    grad_clip: float = 5.0
-    """Clip the gradient norm of the shape weights to this (0 disables)."""
-    weight_clamp: float = 3.0
-    """Clamp every shape weight to +-this many standard deviations."""
-    batch_size: int = 1
-    """Views rendered per iteration."""
-    render_size: int = 256
-    """Side of the square render in pixels (the guidance resizes it to `guidance_resolution`)."""
-    guidance_resolution: int | None = None
-    """Side the render is resized to before VAE encoding; None = the model's own (512 for SD 1.5)."""
-    texture_size: int = 512
-    """Side of the square UV texture in texels."""
-    texture_param: TextureParam = "pyramid"
-    """Texture parametrisation: "pyramid" (multi-resolution, less noise) or "rgb" (plain texels)."""
-    shading: Shading = "mixed"
-    """Shape-stage renders: "lambert" (grey, random light), "normal" (normal map) or "mixed" (either, per step)."""
-    background: Background = "black"
-    """Colour behind the head: black, white, or a random grey per step."""
-    yaw_range: tuple[float, float] = (-45.0, 45.0)
-    """Camera yaw range in degrees for the shape stage (0 = front)."""
-    texture_yaw_range: tuple[float, float] = (-180.0, 180.0)
-    """Camera yaw range for the texture stage (all around the head)."""
-    pitch_range: tuple[float, float] = (-20.0, 20.0)
-    """Camera pitch range in degrees (positive = from above)."""
-    zoom_range: tuple[float, float] = (0.9, 1.1)
-    """Random zoom; 1 frames the head to fill 90% of the image."""
-    fov_deg: float = 30.0
-    """Vertical field of view of the cameras."""
-    event_every: int = 5
-    """Send a progress event every N iterations (and at the last)."""
-    texture_every: int = 20
-    """Send a texture event every N texture-stage iterations (and at the last)."""
-    checkpoint_every: int = 50
-    """Write a checkpoint every N iterations when a checkpoint path is given (0 disables)."""
-    gif_frames: int = 24
-    """Snapshots kept for the evolution GIF."""
-    compile: bool = False
-    """torch.compile the UNet: on CUDA the first steps are slow (compilation), later ones faster."""
-
-    def __post_init__(self) -> None:
-        check_fit_config(self)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "FitConfig":
-        """Build from JSON values (lists become tuples); unknown keys are an error."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"config: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(sorted(known))}")
-        converted = {key: tuple(value) if isinstance(value, list) else value for key, value in values.items()}
-        try:
-            return cls(**converted)
-        except TypeError as exc:
-            raise ValueError(f"config: {exc}") from None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {key: list(value) if isinstance(value, tuple) else value for key, value in asdict(self).items()}
-
-    def steps_of(self, stage: Stage) -> int:
-        return self.shape_steps if stage == "shape" else self.texture_steps
-
-
-def check_fit_config(config: FitConfig) -> None:
-    """Raise ValueError naming the field, what was expected and what arrived."""
-    def fail(name: str, expected: str) -> None:
-        raise ValueError(f"config.{name}: expected {expected}, got {getattr(config, name)!r}")
-
-    def is_int(value: Any) -> bool:
-        return isinstance(value, int) and not isinstance(value, bool)
-
-    def is_number(value: Any) -> bool:
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-    if (not isinstance(config.stages, tuple) or not config.stages
-            or any(not isinstance(stage, str) or stage not in get_args(Stage) for stage in config.stages)
-            or len(set(config.stages)) != len(config.stages)):
-        fail("stages", "a non-empty list of distinct 'shape' / 'texture'")
-    if list(config.stages) != sorted(config.stages, key=("shape", "texture").index):
-        fail("stages", "'shape' before 'texture'")
-    for name, low, high in (("shape_steps", 1, 100_000), ("texture_steps", 1, 100_000), ("batch_size", 1, 64),
-                            ("render_size", 16, 2048), ("texture_size", 16, 4096), ("event_every", 1, 100_000),
-                            ("texture_every", 1, 100_000), ("checkpoint_every", 0, 100_000), ("gif_frames", 1, 500)):
-        if not is_int(getattr(config, name)) or not low <= getattr(config, name) <= high:
-            fail(name, f"an integer in [{low}, {high}]")
-    if not isinstance(config.compile, bool):
-        fail("compile", "true or false")
-    if not is_int(config.seed) or not 0 <= config.seed < 2 ** 63:
-        fail("seed", "an integer in [0, 2**63)")
-    if config.guidance_resolution is not None and (not is_int(config.guidance_resolution)
-                                                   or not 64 <= config.guidance_resolution <= 2048
-                                                   or config.guidance_resolution % 8):
-        fail("guidance_resolution", "null or a multiple of 8 in [64, 2048]")
-    for name in ("lr", "texture_lr", "lr_decay"):
-        if not is_number(getattr(config, name)) or not 0 < getattr(config, name) <= 10:
-            fail(name, "a number in (0, 10]")
-    for name in ("guidance_scale", "l2_weight", "grad_clip"):
-        if not is_number(getattr(config, name)) or getattr(config, name) < 0:
-            fail(name, "a finite number >= 0")
-    if not is_number(config.weight_clamp) or config.weight_clamp <= 0:
-        fail("weight_clamp", "a number > 0")
-    if not is_number(config.fov_deg) or not 5 <= config.fov_deg <= 120:
-        fail("fov_deg", "a number in [5, 120]")
-    for name, choices in (("weighting", ("1-alpha", "sqrt_alpha_1m_alpha", "uniform")),
-                          ("texture_param", get_args(TextureParam)), ("shading", get_args(Shading)),
-                          ("background", get_args(Background))):
-        if getattr(config, name) not in choices:
-            fail(name, f"one of {', '.join(choices)}")
-    for name in ("yaw_range", "texture_yaw_range", "pitch_range", "zoom_range"):
-        value = getattr(config, name)
-        if not isinstance(value, tuple) or len(value) != 2 or not all(is_number(v) for v in value) or value[0] > value[1]:
-            fail(name, "a pair [low, high] with low <= high")
-    if not 0 < config.zoom_range[0]:
-        fail("zoom_range", "positive values")
-    if not (-89 <= config.pitch_range[0] and config.pitch_range[1] <= 89):
-        fail("pitch_range", "values within [-89, 89]")
-    for name in ("t_min", "t_max"):
-        if not is_number(getattr(config, name)) or not 0 <= getattr(config, name) <= 1:
-            fail(name, "a number in [0, 1]")
-    if config.t_min > config.t_max:
-        fail("t_min", f"a value <= t_max={config.t_max}")
-    for name in ("shape_t_max_end", "texture_t_max_end"):
-        value = getattr(config, name)
-        if value is not None and (not is_number(value) or not config.t_min <= value <= 1):
-            fail(name, f"null or a number in [t_min={config.t_min}, 1] (set it along with t_min)")
 
 
 # ------------------------------------------------------------------------------------------ events
@@ -222,15 +61,6 @@ class TextureEvent:
 
 
 FitEvent = ProgressEvent | TextureEvent
-
-
-@dataclass
-class Snapshot:
-    """State recorded for the evolution GIF."""
-
-    iteration: int
-    weights: np.ndarray             # float32 [K]
-    texture: np.ndarray | None      # uint8 [h, w, 3] (downsampled) or None before the texture stage
 
 
 @dataclass
@@ -273,14 +103,14 @@ class _NoTimer(PhaseTimer):
 class Fitter:
     """Runs the stages of a fit for one prompt on one morphable model."""
 
-    def __init__(self, model: MorphableModel, guidance: StableDiffusionGuidance, config: FitConfig,
+    def __init__(self, model: Bundle, guidance: StableDiffusionGuidance, config: FitConfig,
                  device: torch.device | str | None = None):
         self.model = model
         self.guidance = guidance.with_settings(guidance_scale=config.guidance_scale, weighting=config.weighting,
                                                resolution=config.guidance_resolution)
         self.config = config
         self.device = torch.device(device) if device is not None else guidance.device
-        self.tensors = model.torch_buffers(self.device)
+        self.tensors = MorphableTensors.from_bundle(model, self.device)
         self.faces = self.tensors.faces
         self.topology = prepare_topology(self.faces)
         self.uv = torch.as_tensor(model.uv, device=self.device)
@@ -314,14 +144,28 @@ class Fitter:
         return FitState(stage_index=0, step=0, weights=weights, texture_levels=None, optimizer_state=None,
                         generator_state=generator.get_state(), losses=[], snapshots=[])
 
+    def _identity(self, prompt: str, negative_prompt: str) -> checkpoint.Identity:
+        """What a checkpoint of this fit for this prompt is made for (a resume must match all of it)."""
+        return checkpoint.Identity(
+            config=self.config.to_dict(), prompt=prompt, negative_prompt=negative_prompt,
+            model=self.guidance.model.model_id, bundle=self.model.digest(), components=self.model.num_components)
+
+    def load_checkpoint(self, path: str | Path, prompt: str, negative_prompt: str = "") -> FitState:
+        """The state saved at `path`; checkpoint.CheckpointError unless it was made by this very fit
+        (same prompt, model, bundle and settings) and holds well-formed data."""
+        texture = tuple(tuple(level.shape) for level in self._initial_texture_levels())
+        return checkpoint.load(path, self._identity(prompt, negative_prompt), self.config.stages,
+                               {stage: self.config.steps_of(stage) for stage in self.config.stages}, texture, self.device)
+
     # -------------------------------------------------------------------------------- run
     def run(self, prompt: str, negative_prompt: str = "", initial_weights=None,
             on_event: Callable[[FitEvent], None] | None = None, should_stop: Callable[[], bool] | None = None,
-            state: "FitState | None" = None, checkpoint: str | Path | None = None) -> FitResult:
-        """Fit and return the result; `state` (from a checkpoint) resumes where it stopped.
+            state: "FitState | None" = None, checkpoint_path: str | Path | None = None) -> FitResult:
+        """Fit and return the result; `state` (from `load_checkpoint`) resumes where it stopped.
 
         should_stop() is polled once per iteration: the fit then ends after at most one more
-        iteration, keeping the weights and texture reached so far.
+        iteration, keeping the weights and texture reached so far. With `checkpoint_path`, the
+        state is saved there every `checkpoint_every` iterations and at the end.
         """
         check_prompt(prompt, negative_prompt)
         self.guidance.set_prompt(prompt, negative_prompt)
@@ -358,14 +202,14 @@ class Fitter:
                     state.snapshots.append(Snapshot(iteration, state.weights.detach().cpu().numpy().copy(),
                                                     self.texture_image(state, size=128) if stage == "texture" else None))
                 state.optimizer_state = optimizer.state_dict()
-                if checkpoint and config.checkpoint_every and iteration % config.checkpoint_every == 0:
+                if checkpoint_path and config.checkpoint_every and iteration % config.checkpoint_every == 0:
                     state.generator_state = generator.get_state()
-                    save_checkpoint(checkpoint, self, state)
+                    checkpoint.save(checkpoint_path, self._identity(prompt, negative_prompt), state)
             if not stopped:
                 state.stage_index, state.step, state.optimizer_state = state.stage_index + 1, 0, None
         state.generator_state = generator.get_state()
-        if checkpoint:
-            save_checkpoint(checkpoint, self, state)
+        if checkpoint_path:
+            checkpoint.save(checkpoint_path, self._identity(prompt, negative_prompt), state)
         iterations = sum(config.steps_of(s) for s in config.stages[:state.stage_index]) + state.step
         return FitResult(
             weights=state.weights.detach().cpu().numpy().astype(np.float32),
@@ -513,15 +357,6 @@ def pyramid_sizes(size: int) -> list[int]:
     return sizes[::-1]
 
 
-def check_prompt(prompt: Any, negative_prompt: Any = "") -> None:
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise ValueError("prompt: expected a non-empty text, got " + repr(prompt))
-    if len(prompt) > 2000:
-        raise ValueError(f"prompt: expected at most 2000 characters, got {len(prompt)}")
-    if not isinstance(negative_prompt, str):
-        raise ValueError(f"negative_prompt: expected a text, got {negative_prompt!r}")
-
-
 def _random_light(batch: int, generator: torch.Generator) -> torch.Tensor:
     """Directions toward the light in camera space: in front, up to ~60 degrees off axis, [B, 3]."""
     # scalar math on one draw: a dozen tensor ops on B numbers would cost more than the numbers
@@ -539,81 +374,3 @@ def _background(kind: Background, generator: torch.Generator) -> float:
     if kind == "white":
         return 1.0
     return float(torch.rand(1, generator=generator))
-
-
-# ------------------------------------------------------------------------------------- checkpoints
-@dataclass
-class FitState:
-    """Everything needed to continue a fit."""
-
-    stage_index: int
-    step: int                                   # iterations done in the current stage
-    weights: torch.Tensor                       # [K]
-    texture_levels: list[torch.Tensor] | None   # texture parameters once the texture stage started
-    optimizer_state: dict | None                # of the current stage
-    generator_state: torch.Tensor
-    losses: list[float]
-    snapshots: list[Snapshot]
-    skipped_steps: int = 0                      # steps dropped for a non-finite gradient
-
-
-def save_checkpoint(path: str | Path, fitter: Fitter, state: FitState) -> None:
-    """Write atomically: a crash while writing never leaves a broken checkpoint behind."""
-    path = Path(path)
-    payload = {
-        "version": CHECKPOINT_VERSION,
-        "config": fitter.config.to_dict(),
-        "prompt": fitter.guidance.prompt, "negative_prompt": fitter.guidance.negative_prompt,
-        "model_id": fitter.guidance.model.model_id, "num_components": fitter.model.num_components,
-        "bundle_digest": bundle_digest(fitter.model), "skipped_steps": state.skipped_steps,
-        "stage_index": state.stage_index, "step": state.step,
-        "weights": state.weights.detach().cpu(),
-        "texture_levels": None if state.texture_levels is None else [t.detach().cpu() for t in state.texture_levels],
-        "optimizer_state": state.optimizer_state, "generator_state": state.generator_state,
-        "losses": state.losses,
-        "snapshots": [(s.iteration, s.weights, s.texture) for s in state.snapshots],
-    }
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(payload, tmp)
-    tmp.replace(path)
-
-
-def load_checkpoint(path: str | Path, fitter: Fitter, prompt: str, negative_prompt: str = "") -> FitState:
-    """State to resume from; refuses a checkpoint of another prompt, model size or config."""
-    try:
-        payload = torch.load(Path(path), map_location="cpu", weights_only=False)
-    except Exception as exc:  # truncated, garbage, or from another program: unpickling raises anything
-        raise ValueError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from None
-    if not isinstance(payload, dict) or payload.get("version") != CHECKPOINT_VERSION:
-        found = payload.get("version") if isinstance(payload, dict) else type(payload).__name__
-        raise ValueError(f"checkpoint {path}: not an SDS Head checkpoint of version {CHECKPOINT_VERSION} (found {found!r})")
-    if payload["num_components"] != fitter.model.num_components or payload.get("bundle_digest") != bundle_digest(fitter.model):
-        raise ValueError(f"checkpoint {path} was made for another morphable model; resume with the same bundle")
-    if payload["model_id"] != fitter.guidance.model.model_id:
-        raise ValueError(f"checkpoint {path} was made with model {payload['model_id']!r}, not "
-                         f"{fitter.guidance.model.model_id!r}; resume with the same model")
-    if (payload["prompt"], payload["negative_prompt"]) != (prompt, negative_prompt):
-        raise ValueError(f"checkpoint {path} was made for prompt {payload['prompt']!r}, not {prompt!r}")
-    if payload["config"] != fitter.config.to_dict():
-        changed = sorted(k for k, v in fitter.config.to_dict().items() if payload["config"].get(k) != v)
-        raise ValueError(f"checkpoint {path} was made with a different config ({', '.join(changed)}); "
-                         "resume with the same settings")
-    device = fitter.device
-    return FitState(
-        stage_index=payload["stage_index"], step=payload["step"], weights=payload["weights"].to(device),
-        texture_levels=None if payload["texture_levels"] is None else [t.to(device) for t in payload["texture_levels"]],
-        optimizer_state=payload["optimizer_state"], generator_state=payload["generator_state"],
-        losses=list(payload["losses"]),
-        snapshots=[Snapshot(i, w, t) for i, w, t in payload["snapshots"]],
-        skipped_steps=int(payload.get("skipped_steps", 0)),
-    )
-
-
-def bundle_digest(model: MorphableModel) -> str:
-    """Identity of a morphable model's geometry, so a checkpoint resumes only on the same one."""
-    digest = hashlib.sha256()
-    for array in (model.mean, model.basis, model.faces):
-        digest.update(np.ascontiguousarray(array).tobytes())
-    return digest.hexdigest()[:16]
-

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-DEFAULT_HEAD = Path(__file__).resolve().parent.parent / "assets" / "default_head.npz"
+from .. import DEFAULT_BUNDLE as DEFAULT_HEAD
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,8 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from sds_backend import __version__
-    from sds_backend.guidance import default_model_id
+    from .. import __version__
+    from ..inputs import default_model_id
 
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
@@ -84,7 +84,7 @@ def _check_model(model: str, device: Any, allow_download: bool) -> dict[str, Any
     try:
         import torch
 
-        from sds_backend.guidance import load_model, resolve_dtype
+        from ..core.guidance import load_model, resolve_dtype
 
         start = time.perf_counter()
         if device.type == "cuda" and not torch.cuda.is_available():
@@ -102,15 +102,15 @@ def _check_model(model: str, device: Any, allow_download: bool) -> dict[str, Any
 
 
 def _check_head(path: Path) -> dict[str, Any]:
-    from sds_backend.morphable import BundleError, MorphableModel
+    from .. import bundle
 
     result: dict[str, Any] = {"path": str(path), "ok": False, "vertices": None, "components": None, "error": None}
     if not path.is_file():
         result["error"] = f"{path} does not exist (yet): build it with `python -m sds_backend make-head`"
         return result
     try:
-        head = MorphableModel.load(path)
-    except BundleError as exc:
+        head = bundle.load(path)
+    except bundle.BundleError as exc:
         result["error"] = str(exc)
         return result
     result.update(ok=True, vertices=head.num_vertices, components=head.num_components)

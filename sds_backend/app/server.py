@@ -19,8 +19,7 @@ import traceback
 from pathlib import Path
 from typing import BinaryIO, TextIO
 
-from . import __version__, protocol
-from .protocol import OUTPUT_NAMES
+from .. import __version__, protocol
 
 log = logging.getLogger("sds_backend")
 KEEP_TEXTURES = 3   # live texture PNGs kept per job: the client may still be reading the previous one
@@ -61,13 +60,24 @@ class Server:
         self._stop = threading.Event()
         self._busy_id: str | None = None
         self._busy_lock = threading.Lock()
+        self._client_gone = False
 
     # ------------------------------------------------------------------------------ output
     def send(self, message_type: str, **fields) -> None:
+        """Write one protocol line. A client that closed our stdout is gone: the running fit stops,
+        the server ends once it has, and nothing more is written."""
         line = protocol.encode(message_type, **fields)
         with self._write_lock:
-            self.stdout.write(line + "\n")
-            self.stdout.flush()
+            if self._client_gone:
+                return
+            try:
+                self.stdout.write(line + "\n")
+                self.stdout.flush()
+            except (OSError, ValueError):
+                self._client_gone = True
+                log.warning("the client closed the protocol channel; stopping the fit and shutting down")
+                self._stop.set()
+                self._requests.put(None)
 
     def send_error(self, kind: str, message: str, job_id: str | None = None, recoverable: bool = True) -> None:
         self.send("error", id=job_id, kind=kind, message=message, recoverable=recoverable)
@@ -78,8 +88,9 @@ class Server:
 
         import torch
 
-        from .guidance import default_model_id
-        from .job import Backend, describe_device, resolve_device
+        from ..inputs import default_model_id
+        from .device import describe_device, resolve_device
+        from .job import Backend
 
         try:
             device = resolve_device(self.device_name)
@@ -166,15 +177,18 @@ class Server:
     # ------------------------------------------------------------------------------ fit
     def _run_fit(self, message: dict) -> tuple[str, dict]:
         """Run one fit, streaming its events; return the final message (done or error) to send."""
-        from .export import write_texture_png
-        from .fit import FitConfig, ProgressEvent
-        from .guidance import ModelLoadError
-        from .job import FitRequest
-        from .morphable import BundleError
+        from ..bundle import BundleError
+        from ..core.export import write_texture_png
+        from ..core.fit import ProgressEvent
+        from ..core.guidance import ModelLoadError
+        from ..files import InputError, OutputError, OutputSet, check_path_text
+        from ..inputs import ModelSourceError
+        from .job import write_outputs
+        from .request import FIT_FILES, OUTPUT_FILES, make_request
 
         job_id = message["id"]
         textures: list[Path] = []
-        job_dir = Path(message.get("job_dir") or Path(tempfile.gettempdir()) / "sds-head-jobs" / _safe(job_id)).expanduser()
+        outputs: OutputSet | None = None
 
         def on_event(event) -> None:
             if isinstance(event, ProgressEvent):
@@ -182,7 +196,7 @@ class Server:
                           loss=_finite_or_none(event.loss), t=_finite_or_none(event.t),
                           weights=[float(w) for w in event.weights], seconds=round(event.seconds, 3))
                 return
-            path = job_dir / f"texture_{event.iteration:06d}.png"
+            path = outputs.folder / f"texture_{event.iteration:06d}.png"
             write_texture_png(path, event.texture)
             textures.append(path)
             while len(textures) > KEEP_TEXTURES:
@@ -190,40 +204,47 @@ class Server:
             self.send("texture", id=job_id, iteration=event.iteration, path=str(path))
 
         def error(kind: str, text: str, trace: str | None = None) -> tuple[str, dict]:
+            if outputs is not None:
+                outputs.discard()
             fields = {"id": job_id, "kind": kind, "message": text, "recoverable": True}
             if trace:
                 fields["traceback"] = trace
             return "error", fields
 
         try:
-            config = FitConfig.from_dict(message.get("config") or {})
-            outputs = message.get("outputs")
-            request = FitRequest(prompt=message["prompt"], negative_prompt=message.get("negative_prompt") or "",
-                                 out_dir=job_dir, model=message.get("model"), bundle=message.get("bundle"),
-                                 initial_weights=message.get("initial_weights"), config=config,
-                                 outputs=OUTPUT_NAMES if outputs is None else tuple(outputs))
-            bundle = self.backend.bundle(request.bundle)
-            total = sum(config.steps_of(stage) for stage in config.stages)
-            weights = list(request.initial_weights or [0.0] * bundle.num_components)
-            with _Heartbeat(lambda seconds: self.send("progress", id=job_id, iteration=0, total=total, stage="loading",
-                                                      loss=None, t=None, weights=weights, seconds=round(seconds, 3))):
-                prepared = self.backend.prepare(request)
-        except ModelLoadError as exc:
+            request = make_request(message["prompt"], message.get("negative_prompt") or "", message.get("model"),
+                                   message.get("bundle"), initial_weights=message.get("initial_weights"),
+                                   config=message.get("config") or {}, outputs=message.get("outputs"))
+            job_dir = message.get("job_dir") or str(Path(tempfile.gettempdir()) / "sds-head-jobs" / _safe(job_id))
+            outputs = OutputSet(check_path_text(job_dir, "job_dir"), FIT_FILES, replace=True, what="job_dir").prepare()
+            weights = request.initial_weights or [0.0] * request.bundle.num_components
+            with _Heartbeat(lambda seconds: self.send(
+                    "progress", id=job_id, iteration=0, total=request.config.total_steps, stage="loading",
+                    loss=None, t=None, weights=weights, seconds=round(seconds, 3))):
+                checkpoint = outputs.direct_path(OUTPUT_FILES["checkpoint"]) if "checkpoint" in request.outputs else None
+                prepared = self.backend.prepare(request, checkpoint)
+        except (ModelLoadError, ModelSourceError) as exc:
             return error("model_error", str(exc))
         except BundleError as exc:
             return error("bundle_error", str(exc))
-        except (ValueError, TypeError) as exc:
+        except OutputError as exc:
+            return error("output_error", str(exc))
+        except (InputError, ValueError, TypeError) as exc:
             return error("bad_request", str(exc))
         except Exception as exc:
             log.exception("fit %s could not start", job_id)
             return error("internal", f"{type(exc).__name__}: {exc}", traceback.format_exc())
         try:
-            job = prepared.run(on_event=on_event, should_stop=self._stop.is_set)
+            result = prepared.run(on_event=on_event, should_stop=self._stop.is_set)
+            write_outputs(outputs, request, result, prepared.fitter.guidance.model.model_id)
+            committed = outputs.commit()
+            written = {name: committed[file] for name, file in OUTPUT_FILES.items() if file in committed}
+        except OutputError as exc:
+            return error("output_error", str(exc))
         except Exception as exc:  # past validation, any failure is ours: report it, keep serving
             log.exception("fit %s failed", job_id)
             return error("internal", f"{type(exc).__name__}: {exc}", traceback.format_exc())
-        result = job.result
-        return "done", {"id": job_id, "weights": [float(w) for w in result.weights], "outputs": job.outputs,
+        return "done", {"id": job_id, "weights": [float(w) for w in result.weights], "outputs": written,
                         "stopped": result.stopped, "iterations": result.iterations, "seconds": round(result.seconds, 3)}
 
 

@@ -1,0 +1,114 @@
+"""Checks of a fit's inputs that every edge runs before any heavy work (stdlib only).
+
+The command line, the stdio server and the Blender add-on (panel and headless) all send their
+prompts, model names and starting weights through these functions, so each mistake gets the
+same specific message wherever it is made, before a model loads. Numbers of the fit's settings
+are checked by `fit_config`, files by `files`, bundles by `bundle`.
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+from typing import Any, Mapping, Sequence
+
+from .files import InputError, check_path_text
+
+DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+MODEL_ENV = "SDS_HEAD_MODEL"
+MAX_PROMPT_CHARS = 2000
+MAX_WEIGHT = 1000.0          # |initial weight|; the fit then clamps to its weight_clamp
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+MODEL_FOLDER_HINT = ("give a local diffusers Stable Diffusion folder (model_index.json, unet/, vae/, ...) or a hub "
+                     "id such as 'stable-diffusion-v1-5/stable-diffusion-v1-5'")
+
+
+class ModelSourceError(InputError):
+    """A model name that can be seen to be wrong before loading: no such folder, not a pipeline folder."""
+
+
+def check_text(value: Any, what: str, max_chars: int) -> str:
+    """A text that can be encoded as UTF-8 (no lone surrogates), at most `max_chars` long."""
+    if not isinstance(value, str):
+        raise InputError(f"{what}: expected a text, got {type(value).__name__}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InputError(f"{what}: contains {value[exc.start:exc.end]!r} at position {exc.start}, which is not "
+                         "valid text (a lone UTF-16 surrogate, or bytes that were not UTF-8)") from None
+    if len(value) > max_chars:
+        raise InputError(f"{what}: expected at most {max_chars} characters, got {len(value)}")
+    return value
+
+
+def check_prompt(prompt: Any, negative_prompt: Any = "") -> tuple[str, str]:
+    """The prompt (non-empty) and negative prompt, each valid text of at most MAX_PROMPT_CHARS."""
+    if isinstance(prompt, str) and not prompt.strip():
+        raise InputError("Prompt is empty: describe the head to fit, e.g. 'an old sailor with a big nose'")
+    return (check_text(prompt, "prompt", MAX_PROMPT_CHARS),
+            check_text(negative_prompt, "negative_prompt", MAX_PROMPT_CHARS))
+
+
+def looks_like_path(model: str) -> bool:
+    """A local folder rather than a hub id ('owner/name')."""
+    return (os.path.isabs(os.path.expanduser(model)) or model.startswith((".", "~"))
+            or os.path.isdir(model) or "\\" in model or not HUB_ID.fullmatch(model))
+
+
+def check_model_source(model: Any) -> str | None:
+    """None (the default model), a hub id, or a folder that exists and holds model_index.json."""
+    if model is None or (isinstance(model, str) and not model.strip()):
+        return None
+    model = check_text(model, "model", 4096).strip()
+    if not looks_like_path(model):
+        return model
+    check_path_text(model, "model")
+    folder = os.path.expanduser(model)
+    if not os.path.isdir(folder):
+        what = "not a folder" if os.path.exists(folder) else "not found"
+        raise ModelSourceError(f"model: folder {folder} {what}; {MODEL_FOLDER_HINT}")
+    if not os.path.isfile(os.path.join(folder, "model_index.json")):
+        raise ModelSourceError(f"model: folder {folder} has no model_index.json, so it is not a diffusers pipeline "
+                         f"folder; {MODEL_FOLDER_HINT}")
+    return model
+
+
+def default_model_id() -> str:
+    """$SDS_HEAD_MODEL if set, else the SD 1.5 mirror."""
+    return os.environ.get(MODEL_ENV) or DEFAULT_MODEL
+
+
+def model_identity(model: str | None) -> str:
+    """The name a loaded model goes by (checkpoints record it): the hub id, or the folder's path."""
+    model = model or default_model_id()
+    return str(os.path.expanduser(model)) if looks_like_path(model) else model
+
+
+def check_weight(value: Any, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or abs(value) > MAX_WEIGHT:
+        raise InputError(f"{what}: expected a number in [-{MAX_WEIGHT:g}, {MAX_WEIGHT:g}], got {value!r}")
+    return float(value)
+
+
+def check_initial_weights(weights: Sequence[Any], names: Sequence[str]) -> list[float]:
+    """One weight per component, in the bundle's order."""
+    if len(weights) != len(names):
+        raise InputError(f"initial_weights: expected {len(names)} values (one per component of the bundle), "
+                         f"got {len(weights)}")
+    return [check_weight(w, f"initial_weights[{i}] ({name})") for i, (w, name) in enumerate(zip(weights, names))]
+
+
+def weights_by_name(mapping: Any, names: Sequence[str], what: str = "initial weights") -> list[float]:
+    """Weights from a {component name: weight} object (a weights.json), in the bundle's order.
+
+    Components it does not name start at 0; a name the bundle does not have is an error (a
+    weights.json of another head would otherwise apply by accident).
+    """
+    if not isinstance(mapping, Mapping):
+        raise InputError(f"{what}: expected an object of component name -> weight, got {type(mapping).__name__}")
+    unknown = [str(key) for key in mapping if key not in names]
+    if unknown:
+        shown = ", ".join(repr(name) for name in unknown[:5]) + (" ..." if len(unknown) > 5 else "")
+        raise InputError(f"{what}: {len(unknown)} name(s) the head does not have: {shown}")
+    return [check_weight(mapping[name], f"{what}[{name!r}]") if name in mapping else 0.0 for name in names]

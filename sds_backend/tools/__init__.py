@@ -1,0 +1,1 @@
+"""Tools around the product: benchmarks, the default head's builder, the tests' tiny model."""
