@@ -193,9 +193,9 @@ def run(argv: list[str], addon: Addon) -> int:
         addon.controller.check_fit_inputs(inputs)
         obj = pick_head(args, addon)
         save = args.save.absolute() if args.save else None
-        outputs = files.OutputSet(args.out.absolute(), OUTPUT_FILES, replace=args.overwrite, what="--out").prepare()
         if save is not None and save.exists() and not args.overwrite:
             raise files.OutputError(f"--save: {save} exists; pass --overwrite to replace it")
+        outputs = files.OutputSet(args.out.absolute(), OUTPUT_FILES, replace=args.overwrite, what="--out").prepare()
     except UserError as exc:
         fail(str(exc))
         return exits.BAD_INPUT

@@ -24,7 +24,8 @@ MODEL_FOLDER_HINT = ("give a local diffusers Stable Diffusion folder (model_inde
 
 
 class ModelSourceError(InputError):
-    """A model name that can be seen to be wrong before loading: no such folder, not a pipeline folder."""
+    """A model name that can be seen to be wrong before loading: not valid text, no such folder, not a
+    pipeline folder."""
 
 
 def check_text(value: Any, what: str, max_chars: int) -> str:
@@ -59,10 +60,13 @@ def check_model_source(model: Any) -> str | None:
     """None (the default model), a hub id, or a folder that exists and holds model_index.json."""
     if model is None or (isinstance(model, str) and not model.strip()):
         return None
-    model = check_text(model, "model", 4096).strip()
-    if not looks_like_path(model):
-        return model
-    check_path_text(model, "model")
+    try:
+        model = check_text(model, "model", 4096).strip()
+        if not looks_like_path(model):
+            return model
+        check_path_text(model, "model")
+    except InputError as exc:
+        raise ModelSourceError(str(exc)) from None
     folder = os.path.expanduser(model)
     if not os.path.isdir(folder):
         what = "not a folder" if os.path.exists(folder) else "not found"

@@ -5,6 +5,10 @@ code; the rest are checked here, where each costs no Blender start.
 """
 from __future__ import annotations
 
+import hashlib
+import os
+from pathlib import Path
+
 import pytest
 
 
@@ -36,3 +40,139 @@ def test_backend_answering_garbage_exits_4_and_writes_nothing(run_headless, fake
     assert code == 4, err
     assert "Backend answered garbage" in err
     assert not (tmp_path / "out" / "weights.json").exists()
+
+
+# ------------------------------------------------------------------------------ hostile inputs
+LEFTOVER_MARKS = (".tmp", ".sds-head-staging-", ".sds-head-probe-")
+
+
+def _snapshot(folder: Path) -> dict[str, str]:
+    if not folder.exists():
+        return {}
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _leftovers(folder: Path) -> list[str]:
+    return [str(p) for p in folder.rglob("*") if any(mark in p.name for mark in LEFTOVER_MARKS)]
+
+
+def _special(tmp_path: Path, kind: str) -> str:
+    path = tmp_path / f"special-{kind}.npz"
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "folder":
+        path.mkdir()
+    elif kind == "loop":
+        path.symlink_to(path)
+    elif kind == "text":
+        path.write_text("not a bundle")
+    elif kind == "dev-zero":
+        return "/dev/zero"
+    return str(path)
+
+
+HEADLESS_CASES = [
+    # (id, arguments, exit code, text of the error)
+    ("steps-zero", ["--steps", "0"], 3, "config.shape_steps"),
+    ("guidance-1e308", ["--guidance", "1e308"], 3, "config.guidance_scale"),
+    ("lr-nan", ["--lr", "nan"], 3, "config.lr"),
+    ("weight-clamp-1e308", ["--weight-clamp", "1e308"], 3, "config.weight_clamp"),
+    ("render-size-huge", ["--render-size", "100000"], 3, "config.render_size"),
+    ("seed-negative", ["--seed", "-5"], 3, "config.seed"),
+    ("stages-unknown", ["--stages", "shape,colour"], 3, "config.stages"),
+    ("stages-none", ["--stages", ","], 3, "No stage selected"),
+    ("config-yaw-1e308", ["--config", '{"yaw_range": [-1e308, 1e308]}'], 3, "config.yaw_range"),
+    ("config-zoom-zero", ["--config", '{"zoom_range": [0, 0]}'], 3, "config.zoom_range"),
+    ("config-unknown", ["--config", '{"colour": 1}'], 3, "unknown key(s) colour"),
+    ("config-nested", ["--config", "[" * 100_000 + "]" * 100_000], 3, "nested too deeply"),
+    ("config-nan", ["--config", '{"lr": NaN}'], 3, "non-finite number NaN"),
+    ("config-list", ["--config", "[]"], 3, "expected a JSON object"),
+    ("prompt-surrogate", ["--prompt", "\udcff"], 3, "lone UTF-16 surrogate"),
+    ("prompt-long", ["--prompt", "x" * 2001], 3, "at most 2000 characters"),
+    ("negative-surrogate", ["--negative", "a\ud800"], 3, "negative_prompt"),
+    ("model-no-index", ["--model", "/tmp"], 3, "has no model_index.json"),
+    ("model-nul", ["--model", "./a\0b"], 3, "NUL character"),
+    ("object-missing", ["--object", "Nobody"], 3, "no such object"),
+    ("steps-text", ["--steps", "many"], 2, ""),
+    ("unknown-flag", ["--colour", "red"], 2, ""),
+]
+
+
+@pytest.mark.parametrize("case,args,code,expected", HEADLESS_CASES, ids=[c[0] for c in HEADLESS_CASES])
+def test_headless_refuses_hostile_input_before_starting(run_headless, tmp_path, case, args, code, expected):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("the user's own")
+    before = _snapshot(out)
+    given = ["--prompt", "a head", *args] if "--prompt" not in args else args
+    got, err = run_headless(*given)
+    assert got == code, err
+    assert expected in err and "Traceback" not in err, err
+    assert _snapshot(out) == before and not _leftovers(tmp_path)
+
+
+@pytest.mark.parametrize("kind,expected", [("fifo", "FIFO"), ("folder", "is a folder"), ("loop", "symlink loop"),
+                                           ("text", "cannot read the file"), ("dev-zero", "character device"),
+                                           ("missing", "not found")])
+def test_headless_refuses_hostile_bundle_files(addon, tmp_path, capsys, kind, expected):
+    from blender_addon import headless
+
+    code = headless.main(["--prompt", "a head", "--out", str(tmp_path / "out"), "--bundle", _special(tmp_path, kind)])
+    err = capsys.readouterr().err
+    assert code == 3 and expected in err and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_headless_refuses_a_folder_with_another_runs_outputs_and_an_existing_save(run_headless, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "weights.json").write_text('{"a": 1}')
+    before = _snapshot(out)
+    code, err = run_headless("--prompt", "a head")
+    assert code == 5 and "already holds the outputs of another run (weights.json)" in err, err
+    assert "--overwrite" in err and _snapshot(out) == before
+    (out / "weights.json").unlink()
+    blend = tmp_path / "scene.blend"
+    blend.write_bytes(b"the user's scene")
+    code, err = run_headless("--prompt", "a head", "--save", str(blend))
+    assert code == 5 and f"--save: {blend} exists; pass --overwrite to replace it" in err, err
+    assert blend.read_bytes() == b"the user's scene" and not _leftovers(tmp_path)
+
+
+def test_headless_refuses_an_output_path_that_is_a_file(run_headless, tmp_path):
+    (tmp_path / "out").write_text("a file where the folder should be")
+    code, err = run_headless("--prompt", "a head")
+    assert code == 5 and "is not a folder" in err, err
+    assert (tmp_path / "out").read_text() == "a file where the folder should be"
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A tmpfs with no room left (skipped where this machine does not allow mounting one)."""
+    import subprocess
+
+    path = tmp_path / "disk"
+    path.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(path)],
+                                           capture_output=True).returncode:
+        pytest.skip("this machine does not let the tests mount a small tmpfs (needs root and CAP_SYS_ADMIN)")
+    try:
+        with open(path / "filler", "wb") as handle:
+            while True:
+                handle.write(b"\0" * 4096)
+                handle.flush()
+    except OSError:
+        pass
+    yield path
+    subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def test_headless_refuses_a_full_output_disk_before_the_fit(addon, full_disk, synthetic_bundle, capsys):
+    from blender_addon import headless
+
+    before = _snapshot(full_disk)
+    code = headless.main(["--prompt", "a head", "--out", str(full_disk / "out"), "--bundle", str(synthetic_bundle)])
+    err = capsys.readouterr().err
+    assert code == 5 and "no space left on the device" in err and "Traceback" not in err, err
+    assert _snapshot(full_disk) == before and not _leftovers(full_disk)

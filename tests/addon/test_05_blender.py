@@ -191,3 +191,46 @@ def test_quitting_blender_mid_fit_ends_the_backend(tmp_path, blender_env, synthe
     assert wait_until(lambda: pid_gone(pid), 5), "backend outlived Blender"
 
 
+def test_headless_ctrl_c_stops_the_fit_and_writes_the_outputs_marked_stopped(tmp_path, blender_env, synthetic_bundle,
+                                                                              fake_backend):
+    """SIGINT under a real `blender -b`: the fit stops after its iteration, the outputs are written and
+    marked stopped, and Blender exits 130 without a traceback."""
+    import json
+    import signal
+
+    python = fake_backend("slow")
+    out = tmp_path / "out"
+    command = [BLENDER, "-b", "--factory-startup", "--python-exit-code", "1", "-P", str(HEADLESS), "--",
+               "--prompt", "a head", "--backend-python", python, "--out", str(out), "--bundle", str(synthetic_bundle)]
+    proc = subprocess.Popen([str(c) for c in command], env=dict(blender_env, SDS_FAKE_MODE="slow"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stdout:
+            if re.search(r"shape \d+/", line):
+                break
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, stdout + stderr
+    assert "SIGINT: stopping after the current iteration" in stdout and "Traceback" not in stderr, stderr
+    record = json.loads((out / "fit.json").read_text())
+    assert record["stopped"] is True and record["state"] == "stopped"
+    assert (out / "weights.json").is_file()
+    assert not [p for p in out.rglob("*") if ".tmp" in p.name or "staging" in p.name]
+
+
+def test_headless_under_blender_refuses_another_runs_outputs_and_a_fifo_bundle(tmp_path, blender_env):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "head.glb").write_bytes(b"an earlier head")
+    result = headless(["--prompt", "a head", "--out", out], blender_env)
+    assert result.returncode == 5 and "already holds the outputs of another run (head.glb)" in result.stderr
+    assert (out / "head.glb").read_bytes() == b"an earlier head"
+    fifo = tmp_path / "head.npz"
+    os.mkfifo(fifo)
+    result = headless(["--prompt", "a head", "--out", tmp_path / "new", "--bundle", fifo], blender_env)
+    assert result.returncode == 3 and "is a FIFO (named pipe), not a regular file" in result.stderr, result.stderr
+    assert not (tmp_path / "new").exists()
+
