@@ -11,10 +11,9 @@ Measured through the controller's own apply step (what the UI timer runs per tic
                          copies the pixels into the image
   reader_decode_ms       that decode, on the reader thread (not main-thread time)
   apply_texture_blender_decode_ms  the same tick when Blender has to decode the PNG on the main
-                         thread (the fallback for PNG flavours read_png does not handle: palette,
-                         16 bit, interlaced; the backend writes none of them)
-The PNGs are Paeth-filtered like the backend's Pillow writer makes for smooth textures (--png
-takes files the backend wrote instead).
+                         thread (the fallback for PNGs read_png leaves to Blender: filtered rows,
+                         palettes, 16 bit, interlacing; the backend writes none of them)
+The PNGs have unfiltered rows, as the backend writes them (--png takes other files instead).
 The head is assets/default_head.npz; while that file is missing, a procedural stand-in of
 similar size (synthetic.py) is used and "head" says so.
 """
@@ -73,8 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         y, x = np.mgrid[0:size, 0:size] / size
         base = np.stack([0.6 + 0.2 * np.sin(6 * x + i), 0.45 + 0.2 * np.cos(5 * y), 0.4 + 0.1 * np.sin(9 * x * y)], -1)
         rgba = np.concatenate([np.clip(base + rng.normal(0, 0.03, base.shape), 0, 1), np.ones((size, size, 1))], -1)
-        pngs.append(str(pngfile.write_png(work / f"paeth{i}.png", rgba.astype(np.float32).ravel(), size, size, 4,
-                                          row_filter="paeth")))
+        pngs.append(str(pngfile.write_png(work / f"texture{i}.png", rgba.astype(np.float32).ravel(), size, size, 4)))
     if args.png:
         pngs = [str(Path(p).resolve()) for p in args.png]
     decode_seconds, decoded = [], []
@@ -130,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         "apply_texture_blender_decode_ms": _median_ms(blender_decode),
         "keys": len(names), "vertices": len(obj.data.vertices), "texture": size, "repeats": args.repeats,
         "head": head, "blender": bpy.app.version_string,
-        "texture_pngs": ("given: " + ", ".join(args.png)) if args.png else "generated, Paeth-filtered rows",
+        "texture_pngs": ("given: " + ", ".join(args.png)) if args.png else "generated, unfiltered rows as the backend writes",
     }
     print(json.dumps(result))
     return 0

@@ -71,14 +71,13 @@ class BackendFailure(RuntimeError):
 
 @dataclass(frozen=True)
 class BackendSettings:
-    """How to start a backend. `command` replaces the whole command line (tests only)."""
+    """How to start a backend."""
 
     python: str
     device: str = "auto"
     hello_timeout: float = 120.0   # seconds from start to the `hello` line
     reply_timeout: float = 300.0   # a running job that sends nothing for this long is hung
     stop_timeout: float = 30.0     # a stopped job must end within this many seconds
-    command: tuple[str, ...] | None = None
     env: dict[str, str] | None = None
     cwd: str | None = None
     echo_stderr: bool = False      # copy the backend's stderr to ours (headless --verbose)
@@ -88,8 +87,6 @@ def check_settings(settings: BackendSettings) -> None:
     """Raise ConfigError naming the setting that cannot work; nothing is started."""
     if settings.device not in DEVICES:
         raise ConfigError(f"device must be one of {', '.join(DEVICES)}, got {settings.device!r}")
-    if settings.command is not None:
-        return
     python = settings.python.strip()
     if not python:
         raise ConfigError("Backend Python is not set: choose the interpreter of the backend environment "
@@ -264,11 +261,8 @@ class Backend:
         """Spawn the process and its reader threads; returns at once (hello is checked by poll)."""
         assert self._proc is None, "a Backend starts once; make a new one to restart"
         check_settings(self.settings)
-        if self.settings.command is not None:
-            command = list(self.settings.command)
-        else:
-            command = [os.path.expanduser(self.settings.python.strip()), "-u", "-m", "sds_backend", "serve",
-                       "--device", self.settings.device]
+        command = [os.path.expanduser(self.settings.python.strip()), "-u", "-m", "sds_backend", "serve",
+                   "--device", self.settings.device]
         env = dict(os.environ)
         env.pop("PYTHONHOME", None)        # Blender's own Python must not leak into the backend's
         env.update(PYTHONUNBUFFERED="1", PYTHONIOENCODING="utf-8")

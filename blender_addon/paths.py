@@ -1,10 +1,10 @@
 """Where the add-on finds the project's files: the shared modules, the default head, the backend Python.
 
-No bpy here. The add-on shares six modules with the backend, the very same files: protocol (the
+No bpy here. The add-on shares seven modules with the backend, the very same files: protocol (the
 wire format), bundle (the head format), fit_config (settings, their defaults and ranges), inputs
-(prompt and model checks), files (safe reading, atomic and staged writing) and exits (exit codes,
-Ctrl-C). They import only the standard library, numpy and each other, and are imported here as
-the subpackage `<add-on>._shared`, whose folder is
+(prompt and model checks), files (safe reading, atomic and staged writing), exits (exit codes,
+Ctrl-C) and png (the textures' file format). They import only the standard library, numpy and each
+other, and are imported here as the subpackage `<add-on>._shared`, whose folder is
 
 * `<repo>/sds_backend/` when the add-on runs from the repository (tests, `blender -P
   blender_addon/headless.py`, or a link install of `<repo>/blender_addon`): the package's own
@@ -25,7 +25,7 @@ from pathlib import Path
 
 ADDON_DIR = Path(__file__).resolve().parent
 DEFAULT_BUNDLE_NAME = "default_head.npz"
-SHARED_MODULES = ("protocol", "bundle", "fit_config", "inputs", "files", "exits")
+SHARED_MODULES = ("protocol", "bundle", "fit_config", "inputs", "files", "exits", "png")
 
 
 def repo_root() -> Path | None:

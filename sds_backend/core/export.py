@@ -11,7 +11,6 @@ from __future__ import annotations
 import io
 import json
 import struct
-import zlib
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -20,6 +19,7 @@ import torch
 from PIL import Image
 
 from ..bundle import Bundle
+from .. import png
 from ..files import atomic_write
 from .morphable import MorphableTensors
 from .render import camera, prepare_topology, shading
@@ -27,26 +27,6 @@ from .render import camera, prepare_topology, shading
 _ARRAY_BUFFER, _ELEMENT_ARRAY_BUFFER = 34962, 34963
 _FLOAT, _UNSIGNED_INT = 5126, 5125
 SKIN_TONE = (0.72, 0.56, 0.48)
-
-
-def png_bytes(image: np.ndarray, level: int = 3) -> bytes:
-    """uint8 [H, W, 3 or 4] -> PNG with every row unfiltered (filter type 0).
-
-    Unfiltered rows cost a little size, but the Blender add-on decodes them with plain zlib and
-    numpy on its reader thread (Paeth/Average rows need a pixel-serial pass): live textures
-    reach the viewport sooner.
-    """
-    image = np.ascontiguousarray(image, dtype=np.uint8)
-    height, width, channels = image.shape
-    rows = np.concatenate([np.zeros((height, 1), np.uint8), image.reshape(height, width * channels)], 1)
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    color_type = {3: 2, 4: 6}[channels]
-    header = struct.pack(">IIBBBBB", width, height, 8, color_type, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows.tobytes(), level))
-            + chunk(b"IEND", b""))
 
 
 def write_weights_json(path: Path, names: Sequence[str], weights: np.ndarray) -> None:
@@ -57,7 +37,7 @@ def write_weights_json(path: Path, names: Sequence[str], weights: np.ndarray) ->
 
 def write_texture_png(path: Path, texture: np.ndarray) -> None:
     """uint8 [H, W, 3] texture, row 0 = v 1."""
-    atomic_write(path, png_bytes(texture))
+    atomic_write(path, png.encode(texture))
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:
@@ -208,7 +188,7 @@ def glb_bytes(model: Bundle, weights: np.ndarray, texture: np.ndarray | None = N
         "materials": [material],
     }
     if texture is not None:
-        document["images"] = [{"bufferView": glb.view(png_bytes(texture)), "mimeType": "image/png", "name": "texture"}]
+        document["images"] = [{"bufferView": glb.view(png.encode(texture)), "mimeType": "image/png", "name": "texture"}]
         document["samplers"] = [{"magFilter": 9729, "minFilter": 9987, "wrapS": 33071, "wrapT": 33071}]
         document["textures"] = [{"sampler": 0, "source": 0}]
         material["pbrMetallicRoughness"]["baseColorTexture"] = {"index": 0}

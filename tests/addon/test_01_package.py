@@ -164,7 +164,9 @@ def test_extension_package_validates_and_installs_in_blender_5(tmp_path):
                               capture_output=True, text=True, timeout=60)
     assert validate.returncode == 0, validate.stdout + validate.stderr
     installed = tmp_path / "ext" / "user_default" / "sds_head"
-    for name in ("protocol", "bundle", "fit_config", "inputs", "files", "exits"):
+    from blender_addon import paths
+
+    for name in paths.SHARED_MODULES:
         assert (installed / "shared" / f"{name}.py").read_bytes() == (ROOT / "sds_backend" / f"{name}.py").read_bytes()
     check = subprocess.run([sys.executable, "-c", (
         "import bpy, sys; bpy.ops.wm.read_userpref()\n"

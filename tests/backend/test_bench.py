@@ -29,12 +29,13 @@ def test_bench_fit_reports_step_breakdown_and_overhead():
     figures = bench_fit.run(torch.device("cpu"), repeats=3)
     assert figures["device"] == "cpu" and figures["model"] == "tiny" and figures["render_size"] == 256
     assert _positive(figures["step_ms"]) and _positive(figures["bare_sds_ms"])
-    # timing itself is not asserted (CI shares its cores with the add-on tests): only that the
-    # ratio is a median of paired ratios with its quartiles around it
-    low, high = figures["overhead_ratio_quartiles"]
-    assert 0 < low <= figures["overhead_ratio"] <= high
+    # timing itself is not asserted (CI shares its cores with the add-on tests); paired_ratio has
+    # its own test below. The phases are timed inside the very steps that are timed whole, so
+    # together they account for most of a step.
+    assert _positive(figures["overhead_ratio"]) and len(figures["overhead_ratio_quartiles"]) == 2
     assert set(figures["breakdown_ms"]) == {"render", "vae_encode", "unet", "backward", "optimizer"}
     assert all(_positive(v) for v in figures["breakdown_ms"].values())
+    assert sum(figures["breakdown_ms"].values()) > 0.5 * figures["step_ms"], figures
     assert "it_per_s" not in figures and "peak_mem_gb" not in figures     # CUDA-only figures
 
 
