@@ -5,11 +5,12 @@ code; the rest are checked here, where each costs no Blender start.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
 import pytest
+
+from file_checks import leftovers, snapshot
 
 
 @pytest.fixture
@@ -43,20 +44,6 @@ def test_backend_answering_garbage_exits_4_and_writes_nothing(run_headless, fake
 
 
 # ------------------------------------------------------------------------------ hostile inputs
-LEFTOVER_MARKS = (".tmp", ".sds-head-staging-", ".sds-head-probe-")
-
-
-def _snapshot(folder: Path) -> dict[str, str]:
-    if not folder.exists():
-        return {}
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def _leftovers(folder: Path) -> list[str]:
-    return [str(p) for p in folder.rglob("*") if any(mark in p.name for mark in LEFTOVER_MARKS)]
-
-
 def _special(tmp_path: Path, kind: str) -> str:
     path = tmp_path / f"special-{kind}.npz"
     if kind == "fifo":
@@ -104,12 +91,12 @@ def test_headless_refuses_hostile_input_before_starting(run_headless, tmp_path, 
     out = tmp_path / "out"
     out.mkdir()
     (out / "notes.txt").write_text("the user's own")
-    before = _snapshot(out)
+    before = snapshot(out)
     given = ["--prompt", "a head", *args] if "--prompt" not in args else args
     got, err = run_headless(*given)
     assert got == code, err
     assert expected in err and "Traceback" not in err, err
-    assert _snapshot(out) == before and not _leftovers(tmp_path)
+    assert snapshot(out) == before and not leftovers(tmp_path)
 
 
 @pytest.mark.parametrize("kind,expected", [("fifo", "FIFO"), ("folder", "is a folder"), ("loop", "symlink loop"),
@@ -128,16 +115,16 @@ def test_headless_refuses_a_folder_with_another_runs_outputs_and_an_existing_sav
     out = tmp_path / "out"
     out.mkdir()
     (out / "weights.json").write_text('{"a": 1}')
-    before = _snapshot(out)
+    before = snapshot(out)
     code, err = run_headless("--prompt", "a head")
     assert code == 5 and "already holds the outputs of another run (weights.json)" in err, err
-    assert "--overwrite" in err and _snapshot(out) == before
+    assert "--overwrite" in err and snapshot(out) == before
     (out / "weights.json").unlink()
     blend = tmp_path / "scene.blend"
     blend.write_bytes(b"the user's scene")
     code, err = run_headless("--prompt", "a head", "--save", str(blend))
     assert code == 5 and f"--save: {blend} exists; pass --overwrite to replace it" in err, err
-    assert blend.read_bytes() == b"the user's scene" and not _leftovers(tmp_path)
+    assert blend.read_bytes() == b"the user's scene" and not leftovers(tmp_path)
 
 
 def test_headless_refuses_an_output_path_that_is_a_file(run_headless, tmp_path):
@@ -171,8 +158,8 @@ def full_disk(tmp_path):
 def test_headless_refuses_a_full_output_disk_before_the_fit(addon, full_disk, synthetic_bundle, capsys):
     from blender_addon import headless
 
-    before = _snapshot(full_disk)
+    before = snapshot(full_disk)
     code = headless.main(["--prompt", "a head", "--out", str(full_disk / "out"), "--bundle", str(synthetic_bundle)])
     err = capsys.readouterr().err
     assert code == 5 and "no space left on the device" in err and "Traceback" not in err, err
-    assert _snapshot(full_disk) == before and not _leftovers(full_disk)
+    assert snapshot(full_disk) == before and not leftovers(full_disk)

@@ -12,7 +12,6 @@ cases are in tests/addon/test_04_headless.py and test_05_blender.py.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
 import os
@@ -25,29 +24,15 @@ from pathlib import Path
 import pytest
 
 import hostile
+from file_checks import leftovers, snapshot
 from sds_backend import protocol
 from sds_backend.__main__ import main
 from server_process import ServerProcess
 
-LEFTOVER_MARKS = (".tmp", ".sds-head-staging-", ".sds-head-probe-")
 FAST = {"shape_steps": 2, "render_size": 64, "guidance_resolution": 64, "gif_frames": 2, "event_every": 1}
 
 
 # ------------------------------------------------------------------------------------------ helpers
-def snapshot(folder: Path) -> dict[str, str]:
-    """relative path -> sha256 of every file under `folder` (hidden ones included)."""
-    if not folder.exists():
-        return {}
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file() and not p.is_symlink()}
-
-
-def leftovers(folder: Path) -> list[str]:
-    if not folder.exists():
-        return []
-    return [str(p) for p in folder.rglob("*") if any(mark in p.name for mark in LEFTOVER_MARKS)]
-
-
 def user_folder(tmp_path: Path) -> tuple[Path, dict[str, str]]:
     """An output folder that already holds the user's own file, and its snapshot."""
     out = tmp_path / "out"
