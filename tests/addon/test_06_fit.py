@@ -191,3 +191,19 @@ def test_second_fit_reuses_the_running_backend(real, head):
     assert _run().state == "done"
     assert bpy.ops.sdshead.stop_backend() == {"FINISHED"}
     assert CONTROLLER.backend is None
+
+
+def test_headless_shape_only_exports_in_blender_5(real, addon, tmp_path, monkeypatch, tiny_sd_dir):
+    """The README's headless invocation in the bpy 5.0 module: the default shape-only stage, a
+    relative --out, --glb --fbx --save (the texture was never fitted, and still packs and exports)."""
+    from blender_addon import headless
+
+    monkeypatch.chdir(tmp_path)
+    code = headless.main(["--prompt", "an old sailor", "--out", "out/sailor", "--glb", "--fbx", "--save",
+                          "out/sailor/head.blend", "--model", str(tiny_sd_dir), "--backend-python", str(SERVE_PYTHON),
+                          "--steps", "2", "--render-size", "64"])
+    out = tmp_path / "out" / "sailor"
+    assert code == 0
+    assert sorted(p.name for p in out.iterdir()) == ["fit.json", "head.blend", "head.fbx", "head.glb", "texture.png",
+                                                     "weights.json"]
+    assert all((out / name).stat().st_size > 0 for name in ("head.blend", "head.fbx", "head.glb"))
