@@ -6,7 +6,8 @@ backend needs numpy 2. Each suite is cut in two parts and the four parts run at 
 time: every part keeps about one core busy (tests run torch on one thread, Blender and backend
 subprocesses take turns), so on two cores the whole run takes about half the sum of the parts;
 one process per suite left a core idle while the longer suite finished. Backend part one is
-test_fit.py, test_bench.py and test_allocator.py, part two every other file; add-on part one
+test_fit.py, test_bench.py, test_allocator.py and test_hostile_inputs.py, part two every other
+file; add-on part one
 is test_05_blender.py and test_08_ui.py (Blender started per test), part two every other file;
 so a new test file always lands in a part, and each suite's two parts take about the same CPU
 time. Each part's output is printed whole when it ends (`--serial` runs the suites whole, one
@@ -27,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 BACKEND, ADDON = ROOT / "tests" / "backend", ROOT / "tests" / "addon"
 # about half of each suite's CPU time (measured per test): the oracle fits and the bench's own,
 # and the add-on files with the most Blender starts
-BACKEND_PART_ONE = ("test_fit.py", "test_bench.py", "test_allocator.py")
+BACKEND_PART_ONE = ("test_fit.py", "test_bench.py", "test_allocator.py", "test_hostile_inputs.py")
 ADDON_PART_ONE = ("test_05_blender.py", "test_08_ui.py")
 
 

@@ -2,7 +2,6 @@
 and inverse rendering that must recover the parameters of a synthetic morphable model."""
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import numpy as np
@@ -14,7 +13,6 @@ from sds_backend.tools.procedural import uv_sphere
 from reference_render import reference_rasterize
 from sds_backend.tools.bench_raster import silhouette_gradient_error
 from sds_backend.core.render import antialias, camera, interpolate, prepare_topology, rasterize, shading, texture
-from sds_backend.core.render.rasterize import COVERED_KEY_LIMIT
 
 
 def _compare_with_reference(clip: torch.Tensor, faces: torch.Tensor, height: int, width: int):
@@ -79,6 +77,22 @@ def test_empty_and_degenerate_inputs():
     assert image.shape == (1, 32, 32, 2) and bool((image == 0).all())
 
 
+def test_equal_depths_go_to_the_face_listed_first():
+    # two copies of one triangle, at exactly the same depth: every pixel shows the first listed,
+    # whichever copy that is; corners sorted by y keep ties in corner order
+    corners = torch.tensor([[-1.0, -0.8, -3.0], [1.2, -0.5, -3.0], [0.1, 1.0, -3.0]], dtype=torch.float64)
+    clip = perspective_clip(torch.cat([corners, corners]))[None]
+    for faces in (torch.tensor([[0, 1, 2], [3, 4, 5]]), torch.tensor([[3, 4, 5], [0, 1, 2]])):
+        rast = rasterize(clip, faces, 32)
+        assert rast.pixels.numel() > 100 and bool((rast.triangles == 0).all())
+    from sds_backend.core.render.rasterize import _sort_corners_by_y
+
+    y = torch.randint(0, 3, (3, 200), generator=torch.Generator().manual_seed(0)).double()
+    x = torch.rand(3, 200, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    ys, order = torch.sort(y, dim=0, stable=True)
+    assert all(torch.equal(a, b) for a, b in zip(_sort_corners_by_y(x, y), (x.gather(0, order), ys)))
+
+
 def test_triangle_through_camera_plane_is_clipped():
     # one large triangle reaching behind the camera: only its in-front part shows, without NaN
     corners = torch.tensor([[-1.0, -0.5, -3.0], [1.0, -0.5, -3.0], [0.0, -0.5, 2.0]], dtype=torch.float64)
@@ -104,7 +118,7 @@ def test_batch_and_bad_arguments():
         rasterize(clip * float("nan"), faces, 16)
     with pytest.raises(ValueError, match="resolution"):
         rasterize(clip, faces, 0)
-    # antialias checks only what rasterize has not: other tensors, or its own changed in place
+    # antialias checks its own arguments: other tensors than rasterize's, or its own changed in place
     color = torch.zeros(2, 24, 40, 3)
     with pytest.raises(ValueError, match="NaN or inf"):
         antialias(color, rast, clip * float("nan"), faces)
@@ -116,7 +130,7 @@ def test_batch_and_bad_arguments():
 
 
 def test_face_array_changed_in_place_is_seen():
-    # corner rows and index range are cached per face tensor; an in-place edit must not reuse them
+    # nothing is cached per face tensor: an in-place edit is seen by the next call
     vertices, faces = uv_sphere(9, 18)
     cams = camera.orbit_cameras(torch.tensor([30.0]), torch.tensor([10.0]), 3.0)
     clip = cams.to_clip(vertices.float())
@@ -208,29 +222,28 @@ def test_silhouette_gradient_matches_own_forward():
     assert abs(analytic) > 1.0
 
 
-def test_primitives_same_with_or_without_what_rasterize_keeps():
-    # antialias looks visibility up in the z-buffer rasterize keeps and reuses its projection,
-    # interpolate its corner gathers; a Rasterization without them (built by hand) recomputes
-    # them, with the same results and gradients
+def test_primitives_depend_only_on_their_arguments():
+    # nothing is kept between calls: the same mesh object (Topology) gives identical results and
+    # gradients every time, and the same as a topology antialias builds itself; interpolate uses
+    # the face array it is given, even one of the rasterized array's shape
     clip, faces = _mesh_clip(17, 34)
     clip = clip[None].float().requires_grad_(True)
-    rast = rasterize(clip, faces, 40)
-    assert rast.geometry is not None and rast.corners is not None
-    rebuilt = dataclasses.replace(rast, zbuffer=None, geometry=None, corners=None, corners_key=None)
-    assert torch.equal(rebuilt.depth_keys() < COVERED_KEY_LIMIT, rast.depth_keys() < COVERED_KEY_LIMIT)
+    topology = prepare_topology(faces)
     attr = torch.rand(clip.shape[1], 3, generator=torch.Generator().manual_seed(0))
-    color, color_rebuilt = interpolate(attr, rast, faces), interpolate(attr, rebuilt, faces)
-    assert torch.equal(color, color_rebuilt)
-    kept = antialias(color, rast, clip, faces)
-    other = antialias(color_rebuilt, rebuilt, clip, faces)
-    assert torch.equal(kept, other) and not torch.equal(kept, color)
-    (grad_kept,) = torch.autograd.grad(kept.square().sum(), clip, retain_graph=True)
-    (grad_other,) = torch.autograd.grad(other.square().sum(), clip)
-    assert torch.equal(grad_kept, grad_other)
-    # the kept corners are not used for another face array of the same shape
+    results = []
+    for topo in (topology, topology, None):
+        rast = rasterize(clip, faces, 40)
+        color = interpolate(attr, rast, faces)
+        smooth = antialias(color, rast, clip, faces, topo)
+        (grad,) = torch.autograd.grad(smooth.square().sum(), clip)
+        results.append((rast.triangles, rast.bary.detach(), color, smooth.detach(), grad))
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other))
+    assert not torch.equal(results[0][3], results[0][2])          # silhouettes were blended
     shuffled = faces[torch.randperm(faces.shape[0], generator=torch.Generator().manual_seed(1))]
-    assert torch.equal(rast.corner_vertices(shuffled, 1, clip.shape[1]),
-                       rebuilt.corner_vertices(shuffled, 1, clip.shape[1]))
+    triangle, bary = rast.triangle_id()[0], rast.dense_bary()[0].detach()
+    expected = (attr[shuffled[triangle.clamp_min(0)]] * bary[..., None]).sum(-2) * rast.mask()[0]
+    assert torch.allclose(interpolate(attr, rast, shuffled)[0], expected, atol=1e-6)
 
 
 def test_antialias_gradients_match_finite_differences():

@@ -4,7 +4,8 @@
     interpolate(attr, rast, faces)           -> [B, H, W, C]    per-vertex attributes at each pixel
     texture(tex, uv)                         -> [B, H, W, C]    bilinear lookup, grads to the texture
     antialias(color, rast, clip_verts, faces, topology) -> [B, H, W, C]  silhouette gradients
-    prepare_topology(faces)                  -> Topology        edge adjacency, cache per mesh
+    prepare_topology(faces)                  -> Topology        edge adjacency: build once per mesh
+                                                                and pass it to every `antialias`
 
 `camera` builds clip-space vertices; `shading` composes the primitives into shaded renders.
 """

@@ -17,6 +17,10 @@ front- and a back-facing triangle, or a boundary edge. Each scanline crossing of
 edge is found directly, whatever the size of the triangles around it. Edges steeper than
 45 degrees are sampled along rows, flatter ones along columns, and edges near 45 degrees
 blend both with weights that sum to one, so the choice never makes the output jump.
+
+The work is split in three steps: `_silhouette_edges` and `_scanline_crossings` decide,
+without gradients, which edges cross which pair of pixel centres; `_crossing_scale` then
+recomputes the blend factor of each crossing from the clip-space vertices with autograd on.
 """
 from __future__ import annotations
 
@@ -24,8 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .rasterize import (COVERED_KEY_LIMIT, Rasterization, _expand, check_mesh_inputs, corner_indices, decode_depth,
-                        gather_columns, pixel_xy, scatter_columns, signed_areas)
+from .rasterize import Rasterization, check_mesh_inputs, expand_runs, face_corners, pixel_xy, signed_areas
 
 _BLEND_BAND = (0.4, 0.6)  # fraction |dv| / (|du| + |dv|) over which the two scan directions blend
 
@@ -70,8 +73,7 @@ def prepare_topology(faces: torch.Tensor) -> Topology:
     edge_faces = torch.stack([owner[order[first]], torch.where(has_second, owner[order[second]], -1)], 1)
     edge_opposite = torch.stack([opposite[order[first]], torch.where(has_second, opposite[order[second]], -1)], 1)
     edges = torch.stack([unique_key // stride, unique_key % stride], 1)
-    # stored column by column, so that the columns `antialias` indexes with are contiguous
-    return Topology(*(t.t().contiguous().t() for t in (edges, edge_faces, edge_opposite)), num_faces)
+    return Topology(edges, edge_faces, edge_opposite, num_faces)
 
 
 def antialias(color: torch.Tensor, rast: Rasterization, clip_verts: torch.Tensor, faces: torch.Tensor,
@@ -84,7 +86,7 @@ def antialias(color: torch.Tensor, rast: Rasterization, clip_verts: torch.Tensor
     clip_verts  float [B, V, 4]     the clip-space vertices given to `rasterize`; gradients flow to
                                     them through the silhouette edge positions
     faces       int [F, 3]          the faces given to `rasterize`
-    topology    from `prepare_topology(faces)`; computed here when omitted (costly: cache it)
+    topology    from `prepare_topology(faces)`; computed here when omitted (costly: keep it)
     ->          float [B, H, W, C]
 
     Faces are front-facing when counter-clockwise in NDC (glTF/OpenGL winding). Silhouette
@@ -92,8 +94,7 @@ def antialias(color: torch.Tensor, rast: Rasterization, clip_verts: torch.Tensor
     edge are not antialiased. Gradients are zero away from visible silhouette edges except
     for the pass-through of `color`.
     """
-    if not rast.made_from(clip_verts, faces):
-        check_mesh_inputs(clip_verts, faces)
+    check_mesh_inputs(clip_verts, faces)
     batch, height, width = rast.batch, *rast.resolution
     if color.ndim != 4 or tuple(color.shape[:3]) != (batch, height, width):
         raise ValueError(f"color: expected shape [{batch}, {height}, {width}, C] to match the rasterization, "
@@ -103,232 +104,204 @@ def antialias(color: torch.Tensor, rast: Rasterization, clip_verts: torch.Tensor
     topology = topology if topology is not None else prepare_topology(faces)
     if topology.num_faces != faces.shape[0]:
         raise ValueError(f"topology was built for {topology.num_faces} faces, got {faces.shape[0]}")
+    edges = _silhouette_edges(clip_verts.detach(), faces, topology, height, width)
+    crossings = _scanline_crossings(edges, rast) if edges is not None else None
+    if crossings is None:
+        return color
+    scale = _crossing_scale(clip_verts, edges, crossings, height, width)                 # [K]
     channels = color.shape[-1]
     colors = color.permute(3, 0, 1, 2).reshape(channels, -1)                     # [C, B*H*W]
-    edges = _visible_side_edges(clip_verts, faces, topology, height, width, rast.geometry)
-    if edges is None:
-        return color
-    screen, ends, batch_of_edge = edges
-    found = _scanline_crossings(screen, batch_of_edge, height, width, rast.depth_keys(), rast.depth.dtype)
-    if found is None:
-        return color
-    target, in_pixel, out_pixel, edge, column, crossing, edge_terms = found
-    flat = clip_verts.reshape(batch * clip_verts.shape[1], 4)
-    scale = _CrossingScale.apply(flat, ends.index_select(1, edge), column, crossing, edge_terms, (height, width))
-    blended = _Blend.apply(colors, target, out_pixel, in_pixel, scale.to(colors.dtype))
+    difference = colors.index_select(1, crossings.out_pixel) - colors.index_select(1, crossings.in_pixel)  # [C, K]
+    blended = colors.index_add(1, crossings.target, scale.to(colors.dtype) * difference)
     return blended.view(channels, batch, height, width).permute(1, 2, 3, 0)
 
 
-class _Blend(torch.autograd.Function):
-    """colors [C, N] + scale * (colors[:, out] - colors[:, in]) added at the target pixels.
+@dataclass(frozen=True)
+class _SilhouetteEdges:
+    """M silhouette edges a -> c in screen space (no gradient); all fields [M].
 
-    Written out so that the backward scatters the side gradients into its copy of the incoming
-    gradient: autograd would fill a zero [C, N] buffer for them and add it, two more passes over
-    the image.
+    a, c      int64  the endpoints, as indices into the batch-flattened [B*V] vertices
+    batch     int64  batch item
+    x_a, y_a  float  pixel position of a; x_c, y_c that of c
+    z_a, z_c  float  NDC depths of a and c
+    x_o, y_o  float  pixel position of a vertex on the covered side of the edge: the third
+                     corner of the front-facing face on it
     """
 
-    @staticmethod
-    def forward(ctx, colors, target, out_pixel, in_pixel, scale):
-        difference = colors.index_select(1, out_pixel) - colors.index_select(1, in_pixel)      # [C, K]
-        ctx.save_for_backward(target, out_pixel, in_pixel, scale, difference)
-        return colors.index_add(1, target, scale * difference)
-
-    @staticmethod
-    def backward(ctx, grad):
-        target, out_pixel, in_pixel, scale, difference = ctx.saved_tensors
-        grad_at_target = grad.index_select(1, target)
-        grad_scale = (grad_at_target * difference).sum(0) if ctx.needs_input_grad[4] else None
-        grad_colors = None
-        if ctx.needs_input_grad[0]:
-            grad_colors = grad.clone(memory_format=torch.contiguous_format)
-            side = grad_at_target * scale
-            grad_colors.index_add_(1, out_pixel, side)
-            grad_colors.index_add_(1, in_pixel, -side)
-        return grad_colors, None, None, None, grad_scale
-
-
-def _at(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """values[index] along axis 0 for an int64 index vector: index_select, which is several times
-    faster than advanced indexing here, forward and backward."""
-    return values.index_select(0, index)
+    a: torch.Tensor
+    c: torch.Tensor
+    batch: torch.Tensor
+    x_a: torch.Tensor
+    y_a: torch.Tensor
+    x_c: torch.Tensor
+    y_c: torch.Tensor
+    z_a: torch.Tensor
+    z_c: torch.Tensor
+    x_o: torch.Tensor
+    y_o: torch.Tensor
 
 
 @torch.no_grad()
-def _visible_side_edges(clip_verts, faces, topology, height, width, geometry=None):
-    """Silhouette edges of every batch item in screen space.
-
-    -> screen [8, M]: x_a, y_a, x_c, y_c of the endpoints, their NDC depths z_a, z_c, and
-       x_o, y_o of the vertex that marks the covered side; the endpoints a, c [2, M] as indices
-       into the batch-flattened [B*V] vertices; batch index [M]. None when there is no
-       silhouette edge. No gradients: `_CrossingScale` differentiates the endpoints.
-    """
+def _silhouette_edges(clip_verts, faces, topology: Topology, height: int, width: int) -> _SilhouetteEdges | None:
+    """Edges between a front- and a back-facing face, and boundary edges, of every batch item,
+    with both endpoints in front of the near plane; None when there is none."""
     batch, num_vertices = clip_verts.shape[:2]
-    num_faces, num_edges = faces.shape[0], topology.edges.shape[0]
-    device = clip_verts.device
-    flat_d = clip_verts.detach().reshape(batch * num_vertices, 4)
-    w = flat_d[:, 3]
-    if geometry is not None:            # rasterize's projection; no face reaches behind the near plane
-        xd, yd, z = geometry.vertices
-        in_front = w > 0
-        area = geometry.face_area
-    else:
-        in_front = (flat_d[:, 2] + w >= 0) & (w > 0)
-        safe_w = torch.where(in_front, w, torch.ones_like(w))
-        xd, yd = pixel_xy(flat_d[:, 0], flat_d[:, 1], safe_w, height, width)
-        z = flat_d[:, 2] / safe_w
-        corner = corner_indices(faces, batch, num_vertices)                         # [3, B*F]
-        area = signed_areas(*(_at(t, corner.reshape(-1)).view(3, -1) for t in (xd, yd)))   # [B*F]
+    flat = clip_verts.reshape(batch * num_vertices, 4)
+    x, y, z, w = flat.unbind(1)
+    in_front = (z + w >= 0) & (w > 0)
+    safe_w = torch.where(in_front, w, torch.ones_like(w))        # vertices behind project nowhere useful
+    px, py = pixel_xy(x, y, safe_w, height, width)
+    depth = z / safe_w
+    corners = face_corners(faces, batch, num_vertices).reshape(-1)          # [3 * B*F]
+    corner_x, corner_y = (t.index_select(0, corners).view(3, -1) for t in (px, py))
     # screen y points down, so counter-clockwise in NDC is negative signed area here
-    front = (area < 0).view(batch, num_faces)
-    face0, face1 = topology.faces[:, 0], topology.faces[:, 1]
+    front = (signed_areas(corner_x, corner_y) < 0).view(batch, -1)          # [B, F]
+
+    face0, face1 = topology.faces.unbind(1)                                # [E]: face1 -1 on boundaries
     boundary = face1 < 0
-    front0 = front.index_select(1, face0)
-    front1 = front.index_select(1, face1.clamp_min(0))
-    silhouette = boundary[None] | (front0 != front1)                             # [B, E]
-    ends = topology.edges.t()                                   # [2, E]: contiguous (column-major storage)
-    if batch > 1:
-        offset = torch.arange(batch, device=device) * num_vertices
-        ends = (ends[:, None, :] + offset[None, :, None]).reshape(2, -1)  # [2, B*E]
-    silhouette &= (_at(in_front, ends[0]) & _at(in_front, ends[1])).view(batch, num_edges)
+    front0, front1 = front.index_select(1, face0), front.index_select(1, face1.clamp_min(0))   # [B, E]
+    offset = (torch.arange(batch, device=flat.device) * num_vertices)[:, None]
+    a_all, c_all = (t + offset for t in topology.edges.unbind(1))           # [B, E]: into the B*V vertices
+    both_in_front = in_front.index_select(0, a_all.view(-1)) & in_front.index_select(0, c_all.view(-1))
+    silhouette = (boundary | (front0 != front1)) & both_in_front.view(batch, -1)
     edge_batch, edge = torch.nonzero(silhouette, as_tuple=True)
     if edge.numel() == 0:
         return None
     # the covered side is where the front face lies (the only face on a boundary edge)
-    second_is_front = ~_at(boundary, edge) & _at(front1.reshape(-1), edge_batch * num_edges + edge)
-    marker = torch.where(second_is_front, _at(topology.opposite[:, 1], edge), _at(topology.opposite[:, 0], edge))
-    base = edge_batch * num_vertices
-    a, c, o = _at(topology.edges[:, 0], edge) + base, _at(topology.edges[:, 1], edge) + base, marker + base
-    screen = torch.stack([_at(xd, a), _at(yd, a), _at(xd, c), _at(yd, c), _at(z, a), _at(z, c),
-                          _at(xd, o), _at(yd, o)])
-    return screen, torch.stack([a, c]), edge_batch
+    second_is_front = ~boundary[edge] & front1[edge_batch, edge]
+    o = torch.where(second_is_front, topology.opposite[edge, 1], topology.opposite[edge, 0]) + offset[edge_batch, 0]
+    a, c = a_all[edge_batch, edge], c_all[edge_batch, edge]
+    return _SilhouetteEdges(a, c, edge_batch, px[a], py[a], px[c], py[c], depth[a], depth[c], px[o], py[o])
+
+
+@dataclass(frozen=True)
+class _Crossings:
+    """K crossings of a silhouette edge with a scanline, each between two neighbouring pixel
+    centres (no gradient); all fields [K].
+
+    edge       int64  index into the _SilhouetteEdges
+    column     bool   the scanline is a pixel column (u = y, v = x), else a row (u = x, v = y)
+    line       int64  row or column index of the scanline: it lies at v = line + 0.5
+    boundary   float  u of the border between the two pixels (cells of width 1 around the centres)
+    sign       float  +1 when the covered side of the edge lies toward +u, else -1
+    target     int64  the pixel whose colour the crossing corrects (flat index b*H*W + row*W + col)
+    in_pixel   int64  of the two pixels, the one on the covered side
+    out_pixel  int64  and the one on the other side
+    """
+
+    edge: torch.Tensor
+    column: torch.Tensor
+    line: torch.Tensor
+    boundary: torch.Tensor
+    sign: torch.Tensor
+    target: torch.Tensor
+    in_pixel: torch.Tensor
+    out_pixel: torch.Tensor
 
 
 @torch.no_grad()
-def _scanline_crossings(screen, edge_batch, height, width, depth_keys, depth_dtype):
+def _scanline_crossings(edges: _SilhouetteEdges, rast: Rasterization) -> _Crossings | None:
     """Crossings of silhouette edges with the pixel-centre scanlines of both directions.
 
     Every edge is listed twice: once against rows (u = x, v = y: lines y = row + 0.5, cells
-    along x) and once against columns (u = y, v = x). For the visible, front-most crossing of
-    each pair of neighbouring pixel centres -> the pixel to correct, the in-side and out-side
-    pixels, the edge, whether it crosses a column, (sign, offset to the border between the two
-    pixels, tau along the edge) [3, K] and its edge's (du, dv, weight, d weight / d steepness,
-    |du| + |dv|) [5, K], the numbers `_CrossingScale` turns into the correction's scale; None
-    when there is no such crossing.
+    along x) and once against columns (u = y, v = x). A crossing is kept when the pixel on its
+    covered side is covered and the edge lies in front of whatever covers the other pixel; of
+    several crossings of one pair of pixel centres in one direction, the front-most. None when
+    no crossing is kept.
     """
-    count = edge_batch.shape[0]
-    device = edge_batch.device
-    x_a, y_a, x_c, y_c = screen[:4]
-    ua, va = torch.cat([x_a, y_a]), torch.cat([y_a, x_a])
-    uc, vc = torch.cat([x_c, y_c]), torch.cat([y_c, x_c])
-    du, dv = uc - ua, vc - va
-    is_column = torch.arange(2 * count, device=device) >= count
-    lines = torch.where(is_column, width, height)                    # scanlines of the direction
-    cells = torch.where(is_column, height, width)                    # pixel centres along one scanline
-    first = torch.minimum(torch.ceil(torch.minimum(va, vc) - 0.5).clamp_min(0).to(torch.int64), lines)
-    last = torch.minimum(torch.ceil(torch.maximum(va, vc) - 0.5).clamp_min(0).to(torch.int64), lines)
-    weight, weight_slope, total = _blend_weight(du, dv)
+    height, width = rast.resolution
+    count = edges.a.shape[0]
+    # the 2 * count (edge, direction) pairs: rows first, then columns
+    column = torch.arange(2 * count, device=edges.a.device) >= count
+    u_a, v_a = torch.cat([edges.x_a, edges.y_a]), torch.cat([edges.y_a, edges.x_a])
+    u_c, v_c = torch.cat([edges.x_c, edges.y_c]), torch.cat([edges.y_c, edges.x_c])
+    num_lines = torch.where(column, width, height)
+    cells_per_line = torch.where(column, height, width)
+    first = torch.minimum(torch.ceil(torch.minimum(v_a, v_c) - 0.5).clamp_min(0).to(torch.int64), num_lines)
+    last = torch.minimum(torch.ceil(torch.maximum(v_a, v_c) - 0.5).clamp_min(0).to(torch.int64), num_lines)
+    weight = _blend_weight(u_c - u_a, v_c - v_a)
     # a direction far from perpendicular to an edge has no weight there: no crossings
-    counts = torch.where((weight > 0) & (cells >= 2), last - first, 0).clamp_min(0)
-    owner, step = _expand(counts)
+    counts = torch.where((weight > 0) & (cells_per_line >= 2), last - first, 0).clamp_min(0)
+    owner, step = expand_runs(counts)
     if owner.numel() == 0:
         return None
-    line = _at(first, owner) + step
-    # per crossing: its direction, and the edge it belongs to
-    column = owner >= count
+
+    # one candidate crossing per (edge, direction, scanline)
+    def per_candidate(values):               # per (edge, direction) -> per candidate
+        return values.index_select(0, owner)
+
+    line = per_candidate(first) + step
+    column, num_cells = per_candidate(column), per_candidate(cells_per_line)
     edge = torch.where(column, owner - count, owner)
-    cells_o = torch.where(column, height, width)
-    cell_stride_o = torch.where(column, width, 1)
-    v_line = line.to(ua.dtype) + 0.5
-    va_o, dv_o, ua_o, du_o = (_at(t, owner) for t in (va, dv, ua, du))
-    tau = (v_line - va_o) / dv_o
-    u_cross = ua_o + tau * du_o                                      # where the edge meets the scanline
-    cell = torch.floor(u_cross - 0.5).to(torch.int64)               # pixel centres cell+0.5 <= u < cell+1.5
-    sx_o, sy_o, z_a, z_c = (_at(screen[k], edge) for k in (6, 7, 4, 5))
-    ou, ov = torch.where(column, sy_o, sx_o), torch.where(column, sx_o, sy_o)
-    side = (ou - ua_o) * dv_o - (ov - va_o) * du_o
-    in_is_next = dv_o * side > 0                                     # covered side lies toward +u
-    line_base = _at(edge_batch, edge) * (height * width) + line * torch.where(column, 1, width)
-    inside = (cell >= 0) & (cell + 1 < cells_o)
-    cell_c = torch.minimum(cell.clamp_min(0), (cells_o - 2).clamp_min(0))
-    in_pixel = line_base + torch.where(in_is_next, cell_c + 1, cell_c) * cell_stride_o
-    out_pixel = line_base + torch.where(in_is_next, cell_c, cell_c + 1) * cell_stride_o
+    u_a, v_a, u_c, v_c = (per_candidate(t) for t in (u_a, v_a, u_c, v_c))
+    du, dv = u_c - u_a, v_c - v_a
+    tau = (line.to(u_a.dtype) + 0.5 - v_a) / dv
+    u_cross = u_a + tau * du                                          # where the edge meets the scanline
+    cell = torch.floor(u_cross - 0.5).to(torch.int64)                # pixel centres cell+0.5 <= u < cell+1.5
+    x_o, y_o = edges.x_o.index_select(0, edge), edges.y_o.index_select(0, edge)
+    u_o, v_o = torch.where(column, y_o, x_o), torch.where(column, x_o, y_o)
+    in_is_next = dv * ((u_o - u_a) * dv - (v_o - v_a) * du) > 0     # covered side lies toward +u
+    # pixel index of cell k on the scanline: line_start + k * cell_stride
+    line_start = edges.batch.index_select(0, edge) * (height * width) + line * torch.where(column, 1, width)
+    cell_stride = torch.where(column, width, 1)
+    inside = (cell >= 0) & (cell + 1 < num_cells)
+    cell = torch.minimum(cell.clamp_min(0), (num_cells - 2).clamp_min(0))
+    in_pixel = line_start + torch.where(in_is_next, cell + 1, cell) * cell_stride
+    out_pixel = line_start + torch.where(in_is_next, cell, cell + 1) * cell_stride
+    z_a, z_c = edges.z_a.index_select(0, edge), edges.z_c.index_select(0, edge)
     z_edge = z_a + tau * (z_c - z_a)
-    in_key, out_key = _at(depth_keys, in_pixel), _at(depth_keys, out_pixel)
-    out_covered = out_key < COVERED_KEY_LIMIT
-    visible = inside & (in_key < COVERED_KEY_LIMIT) & (
-        ~out_covered | (decode_depth(out_key, depth_dtype) > z_edge))
+    depth = rast.dense_depth().view(-1)                               # +inf where nothing is visible
+    visible = inside & torch.isfinite(depth.index_select(0, in_pixel)) & (depth.index_select(0, out_pixel) > z_edge)
     keep = torch.nonzero(visible).squeeze(1)
     if keep.numel() == 0:
         return None
-    # one crossing per pair of pixel centres and direction: the front-most
-    pair = _at(line_base + cell_c * cell_stride_o, keep) * 2 + _at(column, keep)
-    z01 = ((_at(z_edge, keep).float() + 1) * 0.5).clamp(0, 1)
-    order = ((pair << 32) | z01.view(torch.int32).to(torch.int64)).argsort()
-    _, runs = torch.unique_consecutive(_at(pair, order), return_counts=True)
-    keep = _at(keep, _at(order, torch.cumsum(runs, 0) - runs))
-    sign = torch.where(_at(in_is_next, keep), 1.0, -1.0).to(ua.dtype)
-    cell_k, stride_k = _at(cell_c, keep), _at(cell_stride_o, keep)
-    offset = _at(u_cross, keep) - (cell_k + 1).to(ua.dtype)          # signed distance to the box boundary
-    target = _at(line_base, keep) + torch.where(offset >= 0, cell_k + 1, cell_k) * stride_k
-    edge_terms = torch.stack([du, dv, weight, weight_slope, total]).index_select(1, _at(owner, keep))
-    return (target, _at(in_pixel, keep), _at(out_pixel, keep), _at(edge, keep), _at(column, keep),
-            torch.stack([sign, offset, _at(tau, keep)]), edge_terms)
+
+    # one crossing per pair of pixel centres and direction: the front-most (stable sorts: by
+    # depth, then by pair; the first of each pair's run)
+    pair = (line_start + cell * cell_stride) * 2 + column.to(torch.int64)     # the pair's first pixel, direction
+    keep = keep[torch.argsort(z_edge[keep], stable=True)]
+    keep = keep[torch.argsort(pair[keep], stable=True)]
+    _, run_length = torch.unique_consecutive(pair[keep], return_counts=True)
+    keep = keep[torch.cumsum(run_length, 0) - run_length]
+
+    boundary = (cell[keep] + 1).to(u_a.dtype)
+    target = line_start[keep] + torch.where(u_cross[keep] >= boundary, cell[keep] + 1, cell[keep]) * cell_stride[keep]
+    sign = torch.where(in_is_next[keep], 1.0, -1.0).to(u_a.dtype)
+    return _Crossings(edge[keep], column[keep], line[keep], boundary, sign, target, in_pixel[keep], out_pixel[keep])
 
 
-def _blend_weight(du: torch.Tensor, dv: torch.Tensor):
+def _crossing_scale(clip_verts: torch.Tensor, edges: _SilhouetteEdges, crossings: _Crossings, height: int,
+                    width: int) -> torch.Tensor:
+    """Signed scale [K] of each crossing's correction, differentiable in clip_verts.
+
+    scale = sign * offset * weight: offset = u_cross - boundary, where the edge a -> c meets
+    the scanline v = line + 0.5 at u_cross = u_a + tau du, tau = (v - v_a) / dv (du, dv: the
+    edge in the scan direction's (u, v) axes), and weight is that direction's blend weight.
+    The expressions of `_scanline_crossings` on the same numbers, so the values agree with it
+    bit for bit; here autograd records them, for the kept crossings only.
+    """
+    flat = clip_verts.reshape(-1, 4)
+    x, y, _, w = flat.index_select(0, edges.a[crossings.edge]).unbind(1)       # clip coordinates of a, each [K]
+    x_a, y_a = pixel_xy(x, y, w, height, width)
+    x, y, _, w = flat.index_select(0, edges.c[crossings.edge]).unbind(1)       # and of c
+    x_c, y_c = pixel_xy(x, y, w, height, width)
+    column = crossings.column
+    u_a, v_a = torch.where(column, y_a, x_a), torch.where(column, x_a, y_a)
+    u_c, v_c = torch.where(column, y_c, x_c), torch.where(column, x_c, y_c)
+    du, dv = u_c - u_a, v_c - v_a
+    tau = (crossings.line.to(du.dtype) + 0.5 - v_a) / dv
+    offset = u_a + tau * du - crossings.boundary
+    return crossings.sign * offset * _blend_weight(du, dv)
+
+
+def _blend_weight(du: torch.Tensor, dv: torch.Tensor) -> torch.Tensor:
     """Weight of a scan direction for edges (du, dv) in its (u, v) axes.
 
     Steepness |dv| / (|du| + |dv|) is 1 for an edge perpendicular to the scanlines; the weight
     is a smoothstep of it over _BLEND_BAND, so the two directions' weights sum to one.
-    -> weight, d weight / d steepness, |du| + |dv| (bounded below for zero-length edges).
     """
     low, high = _BLEND_BAND
     steep = dv.abs()
-    total = (du.abs() + steep).clamp_min(1e-12)
+    total = (du.abs() + steep).clamp_min(1e-12)          # bounded below for zero-length edges
     ramp = ((steep / total - low) / (high - low)).clamp(0, 1)
-    return ramp * ramp * (3 - 2 * ramp), ramp * (1 - ramp) * (6 / (high - low)), total
-
-
-class _CrossingScale(torch.autograd.Function):
-    """Signed scale of each kept crossing's correction, with its derivative in the clip-space vertices.
-
-    scale = sign * offset * weight: offset = u_cross - boundary, where the edge a -> c meets the
-    scanline v at u_cross = u_a + tau du, tau = (v - v_a) / dv (du, dv: the edge in the scan
-    direction's (u, v) axes), and weight is that direction's blend weight. `_scanline_crossings`
-    computes these numbers from the vertices without autograd; this node returns the scale and
-    writes out its backward, where autograd would record some forty nodes for them.
-    """
-
-    @staticmethod
-    def forward(ctx, flat, ends, column, crossing, edge_terms, size):
-        sign, offset, _ = crossing
-        ctx.save_for_backward(flat, ends, column, crossing, edge_terms)
-        ctx.size = size
-        return sign * offset * edge_terms[2]
-
-    @staticmethod
-    def backward(ctx, grad):
-        flat, ends, column, crossing, edge_terms = ctx.saved_tensors
-        height, width = ctx.size
-        sign, offset, tau = crossing
-        du, dv, weight, weight_slope, total = edge_terms
-        grad = grad * sign
-        grad_offset = grad * weight
-        # weight(steepness), steepness = |dv| / (|du| + |dv|): d/d|dv| = |du| / total², d/d|du| = -|dv| / total²
-        grad_steep = grad * offset * weight_slope / (total * total)
-        slope = du / dv
-        along = grad_offset * tau
-        # u_cross = u_a + tau du, tau = (v - v_a) / dv
-        grad_du = along - grad_steep * dv.abs() * du.sign()
-        grad_dv = grad_steep * du.abs() * dv.sign() - along * slope
-        grad_u = torch.stack([grad_offset - grad_du, grad_du])                     # [a, c]
-        grad_v = torch.stack([-grad_offset * slope - grad_dv, grad_dv])
-        grad_px = torch.where(column, grad_v, grad_u).view(-1)
-        grad_py = torch.where(column, grad_u, grad_v).view(-1)
-        # px = (x / w + 1) W / 2, py = (1 - y / w) H / 2
-        index = ends.reshape(-1)
-        x, y, w = gather_columns(flat, index, (0, 1, 3))
-        grad_x = grad_px * (0.5 * width) / w
-        grad_y = grad_py * (-0.5 * height) / w
-        grad_w = -(grad_x * x + grad_y * y) / w
-        return scatter_columns((grad_x, grad_y, grad_w), index, (0, 1, 3), flat.shape), None, None, None, None, None
+    return ramp * ramp * (3 - 2 * ramp)

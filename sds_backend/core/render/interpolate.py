@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .rasterize import Rasterization
+from .rasterize import Rasterization, pixel_corners
 
 _TEXTURE_FILTERS = ("bilinear", "nearest")
 
@@ -35,59 +35,15 @@ def interpolate(attr: torch.Tensor, rast: Rasterization, faces: torch.Tensor) ->
 def interpolate_pixels(attr: torch.Tensor, rast: Rasterization, faces: torch.Tensor) -> torch.Tensor:
     """`interpolate` over the covered pixels only: float [C, P] in the order of rast.pixels.
 
-    Shading code works on these compact arrays and densifies once; arguments are checked by
-    `interpolate`'s callers (attr [1 or B, V, C]).
+    attr is [1 or B, V, C], checked by the caller. Shading code works on these compact arrays
+    and makes an image once.
     """
-    attr_batch, num_vertices, _ = attr.shape
-    return interpolate_rows(channel_rows(attr), rast, faces, attr_batch, num_vertices)
-
-
-def channel_rows(values: torch.Tensor) -> torch.Tensor:
-    """[..., C] -> [C, N] channel-first rows (N = the product of the leading sizes); differentiable.
-
-    Stacked channel by channel: a permuting copy of a [N, 3] array is several times slower on
-    CPU, forward and backward.
-    """
-    return torch.stack(values.reshape(-1, values.shape[-1]).unbind(1))
-
-
-def interpolate_rows(table: torch.Tensor, rast: Rasterization, faces: torch.Tensor, attr_batch: int,
-                     num_vertices: int) -> torch.Tensor:
-    """`interpolate_pixels` from channel-first vertex attributes table [C, attr_batch * V] -> [C, P]."""
-    corner = rast.corner_vertices(faces, attr_batch, num_vertices)                      # [3, P]
-    return _Interpolate.apply(table, corner, rast.bary.to(table.dtype))
-
-
-class _Interpolate(torch.autograd.Function):
-    """sum_k table[:, corner[k]] * bary[k], [C, P], with gradients for the table and the bary.
-
-    Written out because autograd of three gathers, products and the bary rows it selects
-    builds a dozen nodes, each filling a zero buffer of its input's size; this backward fills
-    one per input.
-    """
-
-    @staticmethod
-    def forward(ctx, table, corner, bary):
-        gathered = table.new_empty(3, *table.shape[:-1], corner.shape[1])               # [3, C, P]
-        for k in range(3):
-            torch.index_select(table, 1, corner[k], out=gathered[k])
-        ctx.save_for_backward(corner, bary, gathered)
-        ctx.num_rows = table.shape[1]
-        values = gathered[0] * bary[0]
-        values = torch.addcmul(values, gathered[1], bary[1])
-        return torch.addcmul(values, gathered[2], bary[2])
-
-    @staticmethod
-    def backward(ctx, grad):
-        corner, bary, gathered = ctx.saved_tensors
-        grad_table = grad_bary = None
-        if ctx.needs_input_grad[0]:
-            grad_table = grad.new_zeros(grad.shape[0], ctx.num_rows)
-            for k in range(3):
-                grad_table.index_add_(1, corner[k], grad * bary[k])
-        if ctx.needs_input_grad[2]:
-            grad_bary = (gathered * grad).sum(1)
-        return grad_table, None, grad_bary
+    attr_batch, num_vertices, channels = attr.shape
+    corners = pixel_corners(faces, rast.triangles, rast.pixel_batch() if attr_batch > 1 else None, num_vertices)
+    table = attr.reshape(-1, channels).t().contiguous()                         # [C, attr_batch * V]
+    bary = rast.bary.to(table.dtype).unbind(0)                                   # 3 x [P]
+    at_corner = [table.index_select(1, corners[k]) for k in range(3)]           # each [C, P]
+    return torch.addcmul(torch.addcmul(at_corner[0] * bary[0], at_corner[1], bary[1]), at_corner[2], bary[2])  # sum_k
 
 
 def texture(tex: torch.Tensor, uv: torch.Tensor, filter: str = "bilinear") -> torch.Tensor:
@@ -133,15 +89,10 @@ def sample_pixels(tex: torch.Tensor, uv: torch.Tensor, rast: Rasterization, filt
 def to_image(values: torch.Tensor, rast: Rasterization, background: torch.Tensor | float = 0.0) -> torch.Tensor:
     """Per-pixel values [C, P] -> image [B, H, W, C] with `background` ([C] or scalar) elsewhere.
 
-    The image is a view of channel-first memory, which `antialias` and `interpolate` use
-    without copying.
+    The image is a view of channel-first memory [C, B, H, W]: `antialias` reads it as [C, pixels]
+    without a copy.
     """
     channels = values.shape[0]
-    if isinstance(background, (int, float)) and background == 0:
-        dense = values.new_zeros(channels, rast.num_pixels)       # calloc'd: no fill pass
-    else:
-        background = torch.as_tensor(background, dtype=values.dtype, device=values.device).reshape(-1, 1)
-        dense = background.expand(channels, rast.num_pixels).clone()
-    dense.index_copy_(1, rast.pixels, values)
+    background = torch.as_tensor(background, dtype=values.dtype, device=values.device).reshape(-1, 1)
+    dense = background.expand(channels, rast.num_pixels).index_copy(1, rast.pixels, values)
     return dense.view(channels, rast.batch, *rast.resolution).permute(1, 2, 3, 0)
-

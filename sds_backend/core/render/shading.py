@@ -12,8 +12,8 @@ import torch
 
 from .antialias import Topology, antialias, prepare_topology
 from .camera import Cameras
-from .interpolate import channel_rows, interpolate_pixels, interpolate_rows, sample_pixels, to_image
-from .rasterize import corner_indices, cross_rows, rasterize
+from .interpolate import interpolate_pixels, sample_pixels, to_image
+from .rasterize import face_corners, rasterize
 
 ShadingMode = Literal["lambert", "normal"]
 SHADING_MODES = ("lambert", "normal")
@@ -30,61 +30,29 @@ class Render:
 def vertex_normals(vertices: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
     """Area-weighted unit vertex normals, float [B, V, 3] for vertices [B, V, 3]; differentiable."""
     batch, num_vertices = vertices.shape[:2]
-    return vertex_normal_rows(vertices, faces).view(3, batch, num_vertices).permute(1, 2, 0)
+    return _vertex_normal_rows(vertices, faces).view(3, batch, num_vertices).permute(1, 2, 0)
 
 
-def vertex_normal_rows(vertices: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
-    """`vertex_normals` as channel-first rows, float [3, B*V]."""
+def _vertex_normal_rows(vertices: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
+    """`vertex_normals` as channel-first rows, float [3 (xyz), B*V]: the unit sums of the
+    normals of the faces around each vertex, each as long as twice its face's area."""
     batch, num_vertices = vertices.shape[:2]
-    return _VertexNormals.apply(vertices, corner_indices(faces, batch, num_vertices))
-
-
-class _VertexNormals(torch.autograd.Function):
-    """Unit sums of the (area-weighted) normals of the faces around each vertex.
-
-    Channel-first 1-D gathers and scatters, much faster than row gathers of [.., 3] vectors;
-    and one autograd node with a backward written out (the cross product's adjoints, one
-    scatter per corner), where autograd of the forward builds some forty nodes.
-    """
-
-    @staticmethod
-    def forward(ctx, vertices, corner):
-        table = channel_rows(vertices)                                          # [xyz, B*V]
-        v0, v1, v2 = (table.index_select(1, corner[k]) for k in range(3))
-        edge1, edge2 = v1 - v0, v2 - v0
-        summed = table.new_zeros(table.shape)
-        face_normals = cross_rows(edge1, edge2)                                 # length = 2 * area
-        for k in range(3):
-            summed.index_add_(1, corner[k], face_normals)
-        inverse_length = _inverse_lengths(summed)
-        normals = summed * inverse_length
-        ctx.save_for_backward(corner, edge1, edge2, normals, inverse_length)
-        ctx.vertices_shape = vertices.shape
-        return normals
-
-    @staticmethod
-    def backward(ctx, grad):
-        corner, edge1, edge2, normals, inverse_length = ctx.saved_tensors
-        # n = s / |s|: ds = (g - n (n . g)) / |s|
-        grad_summed = (grad - normals * (normals * grad).sum(0, keepdim=True)) * inverse_length
-        grad_face = grad_summed.index_select(1, corner.view(-1)).view(3, 3, -1).sum(1)   # [xyz, F]
-        # f = e1 x e2: df = de1 x e2 + e1 x de2, so g_e1 = e2 x g_f and g_e2 = g_f x e1
-        grad_edge1, grad_edge2 = cross_rows(edge2, grad_face), cross_rows(grad_face, edge1)
-        grad_table = grad.new_zeros(grad.shape)
-        grad_table.index_add_(1, corner[1], grad_edge1)
-        grad_table.index_add_(1, corner[2], grad_edge2)
-        grad_table.index_add_(1, corner[0], -(grad_edge1 + grad_edge2))
-        return grad_table.t().reshape(ctx.vertices_shape), None
+    corners = face_corners(faces, batch, num_vertices)                         # [3, B*F]
+    table = vertices.reshape(-1, 3).t().contiguous()                            # [xyz, B*V]
+    v0, v1, v2 = (table.index_select(1, corners[k]) for k in range(3))
+    e1, e2 = (v1 - v0).unbind(0), (v2 - v0).unbind(0)                          # each 3 x [B*F]
+    face_normals = torch.stack([e1[1] * e2[2] - e1[2] * e2[1],                  # e1 x e2, [xyz, B*F]
+                                e1[2] * e2[0] - e1[0] * e2[2],
+                                e1[0] * e2[1] - e1[1] * e2[0]])
+    summed = table.new_zeros(table.shape)
+    for k in range(3):
+        summed.index_add_(1, corners[k], face_normals)
+    return _unit_rows(summed)
 
 
 def _unit_rows(vectors: torch.Tensor) -> torch.Tensor:
     """Channel-first vectors [3, N] scaled to unit length (zero vectors stay zero)."""
-    return vectors * _inverse_lengths(vectors)
-
-
-def _inverse_lengths(vectors: torch.Tensor) -> torch.Tensor:
-    """[1, N]: 1 / length of channel-first vectors [3, N], bounded (1e12) for zero vectors."""
-    return torch.rsqrt((vectors * vectors).sum(0, keepdim=True).clamp_min(1e-24))
+    return vectors * torch.rsqrt((vectors * vectors).sum(0, keepdim=True).clamp_min(1e-24))
 
 
 def render_mesh(vertices: torch.Tensor, faces: torch.Tensor, cams: Cameras, resolution: int | tuple[int, int],
@@ -148,12 +116,12 @@ def _camera_normals(vertices, faces, cams, rast) -> torch.Tensor:
     """Unit normals of the covered pixels in camera space (x right, y up, z toward the viewer), [3, P]."""
     batch, num_vertices = vertices.shape[:2]
     rotation = cams.world_to_view[:, :3, :3].to(device=vertices.device, dtype=vertices.dtype)
-    rows = vertex_normal_rows(vertices, faces)                                  # [3, B*V]
+    rows = _vertex_normal_rows(vertices, faces)                                 # [3, B*V]
     if batch == 1:
         rows = rotation[0] @ rows
     else:
         rows = torch.einsum("bij,jbv->ibv", rotation, rows.view(3, batch, num_vertices)).reshape(3, -1)
-    normals = interpolate_rows(rows, rast, faces, batch, num_vertices)
+    normals = interpolate_pixels(_per_vertex(rows, batch), rast, faces)
     return _unit_rows(normals)
 
 
@@ -175,13 +143,18 @@ def _vertex_lambert(vertices, faces, cams, rast, light_dir: torch.Tensor | None,
     light = torch.nn.functional.normalize(light_dir.to(vertices).reshape(-1, 3), dim=-1).expand(batch, 3)
     rotation = cams.world_to_view[:, :3, :3].to(device=vertices.device, dtype=vertices.dtype)
     world_light = (rotation * light[:, :, None]).sum(1)                        # R^T l per camera, [B, 3]
-    normals = vertex_normal_rows(vertices, faces)                              # [3, B*V]
+    normals = _vertex_normal_rows(vertices, faces)                             # [3, B*V]
     if batch == 1:
         facing = world_light @ normals                                        # [1, V]
     else:
         facing = (normals.view(3, batch, num_vertices) * world_light.t()[:, :, None]).sum(0).view(1, -1)
     shade = facing.clamp_min(0).mul(albedo * (1 - ambient)).add(albedo * ambient)
-    return interpolate_rows(shade, rast, faces, batch, num_vertices)
+    return interpolate_pixels(_per_vertex(shade, batch), rast, faces)
+
+
+def _per_vertex(rows: torch.Tensor, batch: int) -> torch.Tensor:
+    """Channel-first per-vertex values [C, B*V] as the attributes [B, V, C] `interpolate` takes (a view)."""
+    return rows.view(rows.shape[0], batch, -1).permute(1, 2, 0)
 
 
 def _composite(color: torch.Tensor, rast, clip, faces, topology, background, grey: bool = False) -> Render:
