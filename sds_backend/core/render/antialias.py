@@ -120,12 +120,12 @@ def antialias(color: torch.Tensor, rast: Rasterization, clip_verts: torch.Tensor
 class _SilhouetteEdges:
     """M silhouette edges a -> c in screen space (no gradient); all fields [M].
 
-    a, c      int64  the endpoints, as indices into the batch-flattened [B*V] vertices
-    batch     int64  batch item
-    x_a, y_a  float  pixel position of a; x_c, y_c that of c
-    z_a, z_c  float  NDC depths of a and c
-    x_o, y_o  float  pixel position of a vertex on the covered side of the edge: the third
-                     corner of the front-facing face on it
+    a, c              int64  the endpoints, as indices into the batch-flattened [B*V] vertices
+    batch             int64  batch item
+    x_a, y_a          float  pixel position of a; x_c, y_c that of c
+    z_a, z_c          float  NDC depths of a and c
+    x_cover, y_cover  float  pixel position of a vertex on the covered side of the edge: the
+                             third corner of the front-facing face on it
     """
 
     a: torch.Tensor
@@ -137,8 +137,8 @@ class _SilhouetteEdges:
     y_c: torch.Tensor
     z_a: torch.Tensor
     z_c: torch.Tensor
-    x_o: torch.Tensor
-    y_o: torch.Tensor
+    x_cover: torch.Tensor
+    y_cover: torch.Tensor
 
 
 @torch.no_grad()
@@ -169,9 +169,10 @@ def _silhouette_edges(clip_verts, faces, topology: Topology, height: int, width:
         return None
     # the covered side is where the front face lies (the only face on a boundary edge)
     second_is_front = ~boundary[edge] & front1[edge_batch, edge]
-    o = torch.where(second_is_front, topology.opposite[edge, 1], topology.opposite[edge, 0]) + offset[edge_batch, 0]
+    cover = (torch.where(second_is_front, topology.opposite[edge, 1], topology.opposite[edge, 0])
+             + offset[edge_batch, 0])
     a, c = a_all[edge_batch, edge], c_all[edge_batch, edge]
-    return _SilhouetteEdges(a, c, edge_batch, px[a], py[a], px[c], py[c], depth[a], depth[c], px[o], py[o])
+    return _SilhouetteEdges(a, c, edge_batch, px[a], py[a], px[c], py[c], depth[a], depth[c], px[cover], py[cover])
 
 
 @dataclass(frozen=True)
@@ -238,9 +239,9 @@ def _scanline_crossings(edges: _SilhouetteEdges, rast: Rasterization) -> _Crossi
     tau = (line.to(u_a.dtype) + 0.5 - v_a) / dv
     u_cross = u_a + tau * du                                          # where the edge meets the scanline
     cell = torch.floor(u_cross - 0.5).to(torch.int64)                # pixel centres cell+0.5 <= u < cell+1.5
-    x_o, y_o = edges.x_o.index_select(0, edge), edges.y_o.index_select(0, edge)
-    u_o, v_o = torch.where(column, y_o, x_o), torch.where(column, x_o, y_o)
-    in_is_next = dv * ((u_o - u_a) * dv - (v_o - v_a) * du) > 0     # covered side lies toward +u
+    x_cover, y_cover = edges.x_cover.index_select(0, edge), edges.y_cover.index_select(0, edge)
+    u_cover, v_cover = torch.where(column, y_cover, x_cover), torch.where(column, x_cover, y_cover)
+    in_is_next = dv * ((u_cover - u_a) * dv - (v_cover - v_a) * du) > 0     # covered side lies toward +u
     # pixel index of cell k on the scanline: line_start + k * cell_stride
     line_start = edges.batch.index_select(0, edge) * (height * width) + line * torch.where(column, 1, width)
     cell_stride = torch.where(column, width, 1)
