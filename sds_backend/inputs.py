@@ -1,4 +1,4 @@
-"""Checks of a fit's inputs that every edge runs before any heavy work (stdlib only).
+"""Checks of a fit's inputs that every edge runs before any heavy work, and the rig they make (stdlib only).
 
 The command line, the stdio server and the Blender add-on (panel and headless) all send their
 prompts, model names and starting weights through these functions, so each mistake gets the
@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import re
+from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 from .files import InputError, check_path_text
@@ -95,14 +96,6 @@ def check_weight(value: Any, what: str) -> float:
     return float(value)
 
 
-def check_initial_weights(weights: Sequence[Any], names: Sequence[str]) -> list[float]:
-    """One weight per component, in the bundle's order."""
-    if len(weights) != len(names):
-        raise InputError(f"initial_weights: expected {len(names)} values (one per component of the bundle), "
-                         f"got {len(weights)}")
-    return [check_weight(w, f"initial_weights[{i}] ({name})") for i, (w, name) in enumerate(zip(weights, names))]
-
-
 def weights_by_name(mapping: Any, names: Sequence[str], what: str = "initial weights") -> list[float]:
     """Weights from a {component name: weight} object (a weights.json), in the bundle's order.
 
@@ -116,3 +109,76 @@ def weights_by_name(mapping: Any, names: Sequence[str], what: str = "initial wei
         shown = ", ".join(repr(name) for name in unknown[:5]) + (" ..." if len(unknown) > 5 else "")
         raise InputError(f"{what}: {len(unknown)} name(s) the head does not have: {shown}")
     return [check_weight(mapping[name], f"{what}[{name!r}]") if name in mapping else 0.0 for name in names]
+
+
+# ------------------------------------------------------------------------------------------- rigs
+@dataclass(frozen=True)
+class Rig:
+    """How each component of a fit may move, one entry per component in the bundle's order.
+
+    The fit optimises u, with weight = centre + scale * u, and puts its L2 prior on u:
+      start      the weight the fit starts from
+      centre     the prior's centre: 0 (the model's mean) for a component without bounds, its
+                 start for one with bounds (a rig's key: the value the artist dialled in)
+      scale      the prior's and the optimiser's unit: 1 (one standard deviation) without bounds,
+                 (high - low) / 6 with bounds (the range then spans six units, like +-3 sigma), and
+                 0 for a component that is not fitted: it stays at its start, bit for bit
+      low, high  the weight's bounds: +-weight_clamp without bounds, else the given range
+    """
+
+    start: tuple[float, ...]
+    centre: tuple[float, ...]
+    scale: tuple[float, ...]
+    low: tuple[float, ...]
+    high: tuple[float, ...]
+
+    def identity(self) -> dict[str, list[float]]:
+        """What a checkpoint must match to resume (the start no longer matters then)."""
+        return {"centre": list(self.centre), "scale": list(self.scale), "low": list(self.low), "high": list(self.high)}
+
+
+def _unknown(names: Sequence[str], known: Sequence[str], what: str) -> None:
+    missing = [str(name) for name in names if name not in known]
+    if missing:
+        shown = ", ".join(repr(name) for name in missing[:5]) + (" ..." if len(missing) > 5 else "")
+        raise InputError(f"{what}: {len(missing)} name(s) the head does not have: {shown}")
+
+
+def make_rig(names: Sequence[str], start: Sequence[float] | None = None, keys: Sequence[str] | None = None,
+             bounds: Mapping[str, Sequence[float]] | None = None, weight_clamp: float = 3.0) -> Rig:
+    """The rig of a fit: `keys` are the components to fit (None: all), `bounds` name -> [low, high]
+    ranges (a rig's sliders). A start outside its bounds is an error; without bounds it is clamped
+    to +-weight_clamp, as the fit has always done."""
+    count = len(names)
+    if start is not None and len(start) != count:
+        raise InputError(f"initial_weights: expected {count} values (one per component of the bundle), got {len(start)}")
+    start = [0.0] * count if start is None else [
+        check_weight(w, f"initial_weights[{i}] ({name})") for i, (w, name) in enumerate(zip(start, names))]
+    fitted = set(names)
+    if keys is not None:
+        _unknown(keys, names, "keys")
+        fitted = set(keys)
+        if not fitted:
+            raise InputError("keys: no component left to fit (give at least one name, or null for all)")
+    bounds = dict(bounds or {})
+    _unknown(list(bounds), names, "bounds")
+    rows = []
+    for k, name in enumerate(names):
+        if name in bounds:
+            pair = bounds[name]
+            if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+                raise InputError(f"bounds[{name!r}]: expected [low, high], got {pair!r}")
+            low, high = (check_weight(v, f"bounds[{name!r}]") for v in pair)
+            if not low < high:
+                raise InputError(f"bounds[{name!r}]: expected low < high, got [{low:g}, {high:g}]")
+            if not low <= start[k] <= high:
+                raise InputError(f"initial_weights[{k}] ({name}) = {start[k]:g} lies outside its bounds "
+                                 f"[{low:g}, {high:g}]")
+            row = (start[k], start[k], (high - low) / 6, low, high)
+        else:
+            value = min(max(start[k], -weight_clamp), weight_clamp)
+            row = (value, 0.0, 1.0, -weight_clamp, weight_clamp)
+        if name not in fitted:
+            row = (start[k], start[k], 0.0, start[k], start[k])      # kept as it starts
+        rows.append(row)
+    return Rig(*(tuple(column) for column in zip(*rows))) if rows else Rig((), (), (), (), ())

@@ -5,8 +5,13 @@ the add-on's bridge imports the very same file. One JSON object per line, UTF-8,
 "v" (protocol version) and "type". stdout of the backend carries protocol lines only.
 
 Client -> backend
-    fit       id, prompt, [negative_prompt], [model], [bundle], [initial_weights], [config], [job_dir],
-              [outputs]                  subset of OUTPUT_NAMES to write (default: all)
+    fit       id, prompt, [negative_prompt], [model], [bundle], [initial_weights], [keys], [bounds],
+              [config], [job_dir], [outputs]
+                                        keys: the components to fit (default all; the others keep their
+                                        initial weights); bounds: name -> [low, high] of a component (a
+                                        rig's slider range: the prior is centred on its initial weight
+                                        and scaled to its range; default +-config.weight_clamp, prior
+                                        centred on 0); outputs: subset of OUTPUT_NAMES (default: all)
     stop      [id]                      cooperative: the fit ends within one iteration; a stop for no
                                         running fit (or another one) is ignored
     shutdown                            the backend exits after the current message
@@ -99,6 +104,16 @@ def _is_opt_number(v: Any) -> bool:
     return v is None or _is_number(v)
 
 
+def _is_opt_str_list(v: Any) -> bool:
+    return v is None or (isinstance(v, list) and all(isinstance(x, str) for x in v))
+
+
+def _is_opt_bounds(v: Any) -> bool:
+    return v is None or (isinstance(v, dict) and all(
+        isinstance(k, str) and isinstance(x, list) and len(x) == 2 and all(_is_number(n) for n in x)
+        for k, x in v.items()))
+
+
 Field = tuple[Callable[[Any], bool], bool, str]  # (check, required, what it should be)
 
 # field name -> (check, required, description used in error messages)
@@ -110,6 +125,9 @@ SCHEMAS: dict[str, dict[str, Field]] = {
         "model": (_is_opt_str, False, "a hub id or folder path, or null for the default"),
         "bundle": (_is_opt_str, False, "a path to a .npz or .glb bundle, or null for the default head"),
         "initial_weights": (_is_opt_number_list, False, "a list of finite numbers or null"),
+        "keys": (_is_opt_str_list, False, "a list of component names to fit (the others stay at their "
+                                          "initial weights), or null for all"),
+        "bounds": (_is_opt_bounds, False, "an object of component name -> [low, high], or null"),
         "config": (_is_dict, False, "an object of FitConfig fields"),
         "job_dir": (_is_opt_str, False, "a folder path or null"),
         "outputs": (_is_opt_output_list, False,

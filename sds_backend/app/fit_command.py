@@ -72,7 +72,7 @@ def _check_resumable(folder: Path, checkpoint_path: Path, request: FitRequest) -
         return
     identity = Identity(config=request.config.to_dict(), prompt=request.prompt, negative_prompt=request.negative_prompt,
                         model=model_identity(request.model), bundle=request.bundle.digest(),
-                        components=request.bundle.num_components)
+                        components=request.bundle.num_components, rig=request.rig.identity())
     try:
         check_resumable(checkpoint_path, identity)
     except CheckpointError as exc:

@@ -65,7 +65,7 @@ class Backend:
                         "(a CUDA GPU is the intended target)", unet_parameters / 1e6)
         guidance = StableDiffusionGuidance(diffusion, GuidanceConfig(model=diffusion.model_id,
                                                                      compile=request.config.compile))
-        fitter = Fitter(request.bundle, guidance, request.config, self.device)
+        fitter = Fitter(request.bundle, guidance, request.config, self.device, rig=request.rig)
         state = None
         if resume and checkpoint_path is not None and checkpoint_path.exists():
             state = fitter.load_checkpoint(checkpoint_path, request.prompt, request.negative_prompt)
@@ -86,8 +86,8 @@ class PreparedJob:
             should_stop: Callable[[], bool] | None = None) -> FitResult:
         request = self.request
         path = self.checkpoint_path if "checkpoint" in request.outputs else None
-        return self.fitter.run(request.prompt, request.negative_prompt, request.initial_weights, on_event,
-                               should_stop, state=self.state, checkpoint_path=path)
+        return self.fitter.run(request.prompt, request.negative_prompt, None, on_event, should_stop, state=self.state,
+                               checkpoint_path=path)
 
 
 def write_outputs(outputs: OutputSet, request: FitRequest, result: FitResult, model_id: str) -> None:

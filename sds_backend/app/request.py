@@ -15,7 +15,7 @@ from typing import Any, Mapping, Sequence
 from .. import DEFAULT_BUNDLE, bundle
 from ..files import InputError, check_path_text
 from ..fit_config import FitConfig
-from ..inputs import check_initial_weights, check_model_source, check_prompt, weights_by_name
+from ..inputs import Rig, check_model_source, check_prompt, make_rig, weights_by_name
 from ..protocol import OUTPUT_NAMES
 
 # protocol output name -> file in the output folder
@@ -33,7 +33,7 @@ class FitRequest:
     model: str | None                        # hub id or folder; None = $SDS_HEAD_MODEL or SD 1.5
     bundle: bundle.Bundle
     bundle_path: str                         # where the bundle came from (recorded in fit.json)
-    initial_weights: list[float] | None
+    rig: Rig                                 # start, bounds and prior of each component
     config: FitConfig
     outputs: tuple[str, ...] = OUTPUT_NAMES  # which outputs to write (protocol.OUTPUT_NAMES)
     export_expressions: bool = False         # add the bundle's expression targets to head.glb
@@ -41,10 +41,12 @@ class FitRequest:
 
 def make_request(prompt: Any, negative_prompt: Any = "", model: Any = None, bundle_path: Any = None,
                  initial_weights: Sequence[Any] | None = None, weights_json: Mapping[str, Any] | None = None,
+                 keys: Sequence[str] | None = None, bounds: Mapping[str, Sequence[float]] | None = None,
                  config: FitConfig | dict | None = None, outputs: Sequence[str] | None = None,
                  export_expressions: bool = False) -> FitRequest:
     """Check every field and load the bundle; `initial_weights` (one per component) and
-    `weights_json` ({name: weight}) are two ways to give the starting weights (at most one)."""
+    `weights_json` ({name: weight}) are two ways to give the starting weights (at most one);
+    `keys` and `bounds` make the rig (inputs.make_rig)."""
     prompt, negative_prompt = check_prompt(prompt, negative_prompt)
     prompt, negative_prompt = prompt.strip(), negative_prompt.strip()
     model = check_model_source(model)
@@ -54,16 +56,15 @@ def make_request(prompt: Any, negative_prompt: Any = "", model: Any = None, bund
     head = bundle.load(path)
     if initial_weights is not None and weights_json is not None:
         raise InputError("initial_weights: give the starting weights once, by position or by name")
-    if initial_weights is not None:
-        initial_weights = check_initial_weights(initial_weights, head.names)
-    elif weights_json is not None:
+    if weights_json is not None:
         initial_weights = weights_by_name(weights_json, head.names, "--initial-weights")
+    rig = make_rig(head.names, initial_weights, keys, bounds, config.weight_clamp)
     if "texture" in config.stages and not head.uv.any():
         raise InputError("stages: the texture stage needs UV coordinates, and this mesh has none")
     unknown = [name for name in outputs or () if name not in OUTPUT_NAMES]
     if unknown:
         raise InputError(f"outputs: unknown output(s) {', '.join(unknown)}; expected some of {', '.join(OUTPUT_NAMES)}")
     return FitRequest(prompt=prompt, negative_prompt=negative_prompt, model=model, bundle=head,
-                      bundle_path=str(path), initial_weights=initial_weights, config=config,
+                      bundle_path=str(path), rig=rig, config=config,
                       outputs=OUTPUT_NAMES if outputs is None else tuple(outputs),
                       export_expressions=bool(export_expressions))

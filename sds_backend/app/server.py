@@ -214,10 +214,11 @@ class Server:
         try:
             request = make_request(message["prompt"], message.get("negative_prompt") or "", message.get("model"),
                                    message.get("bundle"), initial_weights=message.get("initial_weights"),
+                                   keys=message.get("keys"), bounds=message.get("bounds"),
                                    config=message.get("config") or {}, outputs=message.get("outputs"))
             job_dir = message.get("job_dir") or str(Path(tempfile.gettempdir()) / "sds-head-jobs" / _safe(job_id))
             outputs = OutputSet(check_path_text(job_dir, "job_dir"), FIT_FILES, replace=True, what="job_dir").prepare()
-            weights = request.initial_weights or [0.0] * request.bundle.num_components
+            weights = list(request.rig.start)
             with _Heartbeat(lambda seconds: self.send(
                     "progress", id=job_id, iteration=0, total=request.config.total_steps, stage="loading",
                     loss=None, t=None, weights=weights, seconds=round(seconds, 3))):

@@ -68,6 +68,7 @@ class Identity:
     model: str
     bundle: str                    # Bundle.digest()
     components: int
+    rig: dict[str, list[float]]    # inputs.Rig.identity(): which keys move, within which bounds
 
     def describe_mismatch(self, other: dict) -> str | None:
         if other.get("components") != self.components or other.get("bundle") != self.bundle:
@@ -80,6 +81,8 @@ class Identity:
         changed = sorted(k for k, v in self.config.items() if saved.get(k) != v)
         if changed:
             return f"it was made with a different config ({', '.join(changed)}); resume with the same settings"
+        if other.get("rig") != self.rig:
+            return "it was made with other keys to fit or other bounds; resume with the same ones"
         return None
 
 
@@ -108,7 +111,8 @@ def save(path: str | Path, identity: Identity, state: FitState) -> Path:
     header = {
         "version": VERSION, "identity": {
             "config": identity.config, "prompt": identity.prompt, "negative_prompt": identity.negative_prompt,
-            "model": identity.model, "bundle": identity.bundle, "components": identity.components},
+            "model": identity.model, "bundle": identity.bundle, "components": identity.components,
+            "rig": identity.rig},
         "stage_index": state.stage_index, "step": state.step, "skipped_steps": state.skipped_steps,
         "texture_levels": len(state.texture_levels or []),
         "snapshot_iterations": [s.iteration for s in state.snapshots], "optimizer_groups": groups,

@@ -4,7 +4,13 @@ One iteration of the shape stage (the blog post's loop, made explicit):
     1. sample B cameras around the head (yaw, pitch, zoom) and a light
     2. vertices = mean + weights . basis;  render grey-Lambert or normal-map images
     3. loss = SDS(render) + l2_weight * ||weights||^2;  backward through VAE, renderer, model
-    4. clip the gradient norm, Adam step, clamp weights to +-weight_clamp (standard deviations)
+    4. clip the gradient norm, Adam step, clamp weights to their bounds (+-weight_clamp standard
+       deviations by default)
+
+The weights move as the fit's rig says (inputs.Rig): the optimiser works on u with
+weight = centre + scale * u and the L2 prior on u. By default centre is 0 and scale 1 (u is the
+weight in standard deviations); a rig's key with a slider range has its prior centred on the value
+it starts from and scaled to its range; a key that is not fitted has scale 0 and keeps its value.
 The texture stage keeps the shape fixed and optimises a UV texture the same way, with lit
 textured renders all around the head and an annealed timestep range.
 
@@ -32,7 +38,7 @@ import torch.nn.functional as F
 
 from ..bundle import Bundle
 from ..fit_config import Background, FitConfig, Stage
-from ..inputs import check_prompt
+from ..inputs import Rig, check_prompt, make_rig
 from . import checkpoint
 from .checkpoint import FitState, Snapshot
 from .guidance import StableDiffusionGuidance, TimestepSchedule
@@ -104,13 +110,24 @@ class Fitter:
     """Runs the stages of a fit for one prompt on one morphable model."""
 
     def __init__(self, model: Bundle, guidance: StableDiffusionGuidance, config: FitConfig,
-                 device: torch.device | str | None = None):
+                 device: torch.device | str | None = None, rig: Rig | None = None):
+        """rig: how each component moves (inputs.make_rig); default: all fitted, +-weight_clamp, from 0."""
         self.model = model
         self.guidance = guidance.with_settings(guidance_scale=config.guidance_scale, weighting=config.weighting,
                                                resolution=config.guidance_resolution)
         self.config = config
         self.device = torch.device(device) if device is not None else guidance.device
         self.tensors = MorphableTensors.from_bundle(model, self.device)
+        self.rig = rig or make_rig(model.names, weight_clamp=config.weight_clamp)
+        if len(self.rig.start) != model.num_components:
+            raise ValueError(f"rig: expected {model.num_components} components, got {len(self.rig.start)}")
+        centre, scale, low, high = (torch.tensor(v, dtype=torch.float32, device=self.device)
+                                    for v in (self.rig.centre, self.rig.scale, self.rig.low, self.rig.high))
+        self.centre, self.scale, self.low, self.high = centre, scale, low, high
+        fitted = scale > 0
+        unit = torch.where(fitted, scale, torch.ones_like(scale))
+        self.u_low = torch.where(fitted, (low - centre) / unit, torch.zeros_like(low))     # bounds of u
+        self.u_high = torch.where(fitted, (high - centre) / unit, torch.zeros_like(high))
         self.faces = self.tensors.faces
         self.topology = prepare_topology(self.faces)
         self.uv = torch.as_tensor(model.uv, device=self.device)
@@ -131,24 +148,35 @@ class Fitter:
 
     # -------------------------------------------------------------------------------- state
     def initial_state(self, initial_weights: np.ndarray | list[float] | None = None) -> "FitState":
+        """The state a fit starts from: the rig's start weights, or `initial_weights` instead."""
         num_components = self.model.num_components
-        weights = torch.zeros(num_components, device=self.device)
-        if initial_weights is not None:
-            given = torch.as_tensor(np.asarray(initial_weights, dtype=np.float32), device=self.device)
-            if given.shape != (num_components,):
-                raise ValueError(f"initial_weights: expected {num_components} values (one per component), got {tuple(given.shape)}")
-            if not bool(torch.isfinite(given).all()):
-                raise ValueError("initial_weights: contains NaN or inf")
-            weights = given.clamp(-self.config.weight_clamp, self.config.weight_clamp)
+        start = self.rig.start if initial_weights is None else initial_weights
+        given = torch.as_tensor(np.asarray(start, dtype=np.float32), device=self.device)
+        if given.shape != (num_components,):
+            raise ValueError(f"initial_weights: expected {num_components} values (one per component), got {tuple(given.shape)}")
+        if not bool(torch.isfinite(given).all()):
+            raise ValueError("initial_weights: contains NaN or inf")
+        fitted = self.scale > 0
+        u = torch.where(fitted, (given - self.centre) / torch.where(fitted, self.scale, 1.0), 0.0)
         generator = torch.Generator(device="cpu").manual_seed(self.config.seed)
-        return FitState(stage_index=0, step=0, weights=weights, texture_levels=None, optimizer_state=None,
-                        generator_state=generator.get_state(), losses=[], snapshots=[])
+        return FitState(stage_index=0, step=0, weights=u.clamp(self.u_low, self.u_high), texture_levels=None,
+                        optimizer_state=None, generator_state=generator.get_state(), losses=[], snapshots=[])
+
+    def weights(self, state: "FitState") -> torch.Tensor:
+        """The shape weights [K] of a state: centre + scale * u (differentiable in u)."""
+        return self.centre + self.scale * state.weights
+
+    def reported_weights(self, state: "FitState") -> torch.Tensor:
+        """The weights as events and results give them: inside their bounds also after float32
+        rounding of centre + scale * u (a slider must never be asked for 1.0000001 of 1)."""
+        return self.weights(state).detach().clamp(self.low, self.high)
 
     def _identity(self, prompt: str, negative_prompt: str) -> checkpoint.Identity:
         """What a checkpoint of this fit for this prompt is made for (a resume must match all of it)."""
         return checkpoint.Identity(
             config=self.config.to_dict(), prompt=prompt, negative_prompt=negative_prompt,
-            model=self.guidance.model.model_id, bundle=self.model.digest(), components=self.model.num_components)
+            model=self.guidance.model.model_id, bundle=self.model.digest(), components=self.model.num_components,
+            rig=self.rig.identity())
 
     def load_checkpoint(self, path: str | Path, prompt: str, negative_prompt: str = "") -> FitState:
         """The state saved at `path`; checkpoint.CheckpointError unless it was made by this very fit
@@ -194,12 +222,12 @@ class Fitter:
                 state.losses.append(loss)
                 iteration, last = before + state.step, state.step == steps
                 if iteration % config.event_every == 0 or last:
-                    on_event(ProgressEvent(iteration, total, stage, loss, t, state.weights.tolist(),
+                    on_event(ProgressEvent(iteration, total, stage, loss, t, self.reported_weights(state).tolist(),
                                            time.perf_counter() - started))
                 if stage == "texture" and (state.step % config.texture_every == 0 or last):
                     on_event(TextureEvent(iteration, self.texture_image(state)))
                 if iteration % snapshot_every == 0 or iteration == total:
-                    state.snapshots.append(Snapshot(iteration, state.weights.detach().cpu().numpy().copy(),
+                    state.snapshots.append(Snapshot(iteration, self.reported_weights(state).cpu().numpy().copy(),
                                                     self.texture_image(state, size=128) if stage == "texture" else None))
                 state.optimizer_state = optimizer.state_dict()
                 if checkpoint_path and config.checkpoint_every and iteration % config.checkpoint_every == 0:
@@ -212,7 +240,7 @@ class Fitter:
             checkpoint.save(checkpoint_path, self._identity(prompt, negative_prompt), state)
         iterations = sum(config.steps_of(s) for s in config.stages[:state.stage_index]) + state.step
         return FitResult(
-            weights=state.weights.detach().cpu().numpy().astype(np.float32),
+            weights=self.reported_weights(state).cpu().numpy().astype(np.float32),
             texture=self.texture_image(state) if state.texture_levels is not None else None,
             stopped=stopped, iterations=iterations, seconds=time.perf_counter() - started,
             losses=list(state.losses), snapshots=list(state.snapshots), skipped_steps=state.skipped_steps,
@@ -302,7 +330,7 @@ class Fitter:
                 group["lr"] = config.lr * config.lr_decay ** progress
             optimizer.step()
             with torch.no_grad():
-                state.weights.clamp_(-config.weight_clamp, config.weight_clamp)
+                state.weights.clamp_(self.u_low, self.u_high)
         else:
             for group in optimizer.param_groups:   # x0.9 every 100 steps, from the step count (resumable)
                 group["lr"] = config.texture_lr * group["lr_scale"] * 0.9 ** (state.step // 100)
@@ -318,14 +346,14 @@ class Fitter:
         light = _random_light(config.batch_size, generator).to(self.device)
         background = _background(config.background, generator)
         if stage == "shape":
-            vertices = self.tensors.vertices(state.weights)
+            vertices = self.tensors.vertices(self.weights(state))
             mode = config.shading
             if mode == "mixed":
                 mode = ("lambert", "normal")[int(torch.randint(2, (1,), generator=generator))]
             render = shading.render_mesh(vertices, self.faces, cams, config.render_size, mode=mode, light_dir=light,
                                          background=background, topology=self.topology)
         else:
-            vertices = self.tensors.vertices(state.weights.detach())
+            vertices = self.tensors.vertices(self.weights(state).detach())
             render = shading.render_textured(vertices, self.faces, self.uv, self.uv_faces, self.texture(state.texture_levels),
                                              cams, config.render_size, light_dir=light, ambient=0.6,
                                              background=background, topology=self.topology)

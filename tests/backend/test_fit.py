@@ -88,6 +88,71 @@ def test_oracle_fit_recovers_the_default_heads_strongest_components(pipeline):
     assert relative_error <= 0.10, relative_error     # ~6% here
 
 
+@pytest.mark.parametrize("c02_target", [0.3, -1.0], ids=["in-range", "below-its-range"])
+def test_oracle_fit_of_a_rig_moves_its_keys_within_their_ranges_and_keeps_the_locked_ones(pipeline, c02_target):
+    """A rig (inputs.make_rig): c00-c03 fitted, c00-c02 with slider ranges, c04 and c05 locked. The
+    fitted keys find a target that lies in their ranges; a key whose target lies outside its range
+    goes toward it as far as its bound lets it; the locked keys keep their values bit for bit; no
+    reported weight ever leaves its range."""
+    from sds_backend.inputs import make_rig
+
+    model = synthetic_model(6)
+    start = [0.0, 0.2, 0.0, 0.0, 0.7, -0.3]
+    bounds = {"c00": [-0.5, 1.5], "c01": [0.0, 2.0], "c02": [-0.5, 0.5]}
+    rig = make_rig(model.names, start, keys=["c00", "c01", "c02", "c03"], bounds=bounds)
+    # a range of 2 spans six of the optimiser's units (scale 1/3): twice the shipped head's rate
+    config = FitConfig(shape_steps=150, render_size=128, guidance_resolution=128, lr=0.2, lr_decay=0.05, event_every=10)
+    guidance = StableDiffusionGuidance.from_pipeline(pipeline, GuidanceConfig(model="tiny"))
+    fitter = Fitter(model, guidance, config, rig=rig)
+    target = np.array([1.0, 1.5, c02_target, 0.5, 0.7, -0.3], np.float32)
+    fitter.guidance.noise_predictor = OracleDenoiser(fitter, fitter.initial_state(target))
+    events = []
+    result = fitter.run("anything", on_event=events.append)
+    low, high = np.array(rig.low, np.float32), np.array(rig.high, np.float32)
+    for event in events:
+        weights = np.array(event.weights, np.float32)
+        assert np.all((weights >= low) & (weights <= high)), event.weights
+    assert result.weights[4] == np.float32(0.7) and result.weights[5] == np.float32(-0.3)
+    if c02_target > -0.5:
+        assert np.abs(result.weights[:4] - target[:4]).max() < 0.1, result.weights
+    else:   # pulled toward its target, held by its bound (the others may lean in for it)
+        assert -0.5 <= result.weights[2] < -0.3, result.weights
+
+
+@pytest.mark.parametrize("keys,bounds,start,message", [
+    (["c00", "zz"], None, None, "keys: 1 name(s) the head does not have: 'zz'"),
+    ([], None, None, "keys: no component left to fit"),
+    (None, {"c00": [1.0, -1.0]}, None, "bounds['c00']: expected low < high, got [1, -1]"),
+    (None, {"c00": [0.5, 0.5]}, None, "expected low < high"),
+    (None, {"c00": [0.0, 1e308]}, None, "bounds['c00']: expected a number in [-1000, 1000]"),
+    (None, {"c00": [0.0, float("nan")]}, None, "bounds['c00']: expected a number"),
+    (None, {"c00": [0.0]}, None, "bounds['c00']: expected [low, high]"),
+    (None, {"nobody": [0.0, 1.0]}, None, "bounds: 1 name(s) the head does not have"),
+    (None, {"c00": [0.0, 1.0]}, [2.0, 0, 0, 0, 0, 0], "initial_weights[0] (c00) = 2 lies outside its bounds [0, 1]"),
+])
+def test_a_rig_with_wrong_keys_or_bounds_is_refused(keys, bounds, start, message):
+    from sds_backend.files import InputError
+    from sds_backend.inputs import make_rig
+
+    with pytest.raises(InputError) as info:
+        make_rig([f"c{k:02d}" for k in range(6)], start, keys=keys, bounds=bounds)
+    assert message in str(info.value)
+
+
+def test_a_checkpoint_resumes_only_with_the_same_rig(pipeline, tmp_path):
+    from sds_backend.inputs import make_rig
+
+    model = synthetic_model(6)
+    rig = make_rig(model.names, keys=["c00", "c01"])
+    fitter = Fitter(model, StableDiffusionGuidance.from_pipeline(pipeline, GuidanceConfig(model="tiny")),
+                    _short_config(stages=("shape",)), rig=rig)
+    fitter.run("a face", checkpoint_path=tmp_path / "c.safetensors")
+    assert fitter.load_checkpoint(tmp_path / "c.safetensors", "a face").stage_index == 1
+    other = Fitter(model, fitter.guidance, _short_config(stages=("shape",)), rig=make_rig(model.names, keys=["c00"]))
+    with pytest.raises(CheckpointError, match="other keys to fit or other bounds"):
+        other.load_checkpoint(tmp_path / "c.safetensors", "a face")
+
+
 def _visible_texels(fitter: Fitter, views: int = 256) -> torch.Tensor:
     """bool [S, S]: texels that get gradient from at least one of `views` cameras drawn from the
     texture stage's distribution (the rest, e.g. the poles beyond the pitch range, are never seen)."""

@@ -253,12 +253,13 @@ def test_fit_resume_refuses_the_checkpoint_of_another_prompt(tmp_path):
 
     from sds_backend import DEFAULT_BUNDLE, bundle, fit_config
     from sds_backend.core import checkpoint
+    from sds_backend.inputs import make_rig
 
     head = bundle.load(DEFAULT_BUNDLE)
     out, _ = user_folder(tmp_path)
     identity = checkpoint.Identity(config=fit_config.FitConfig().to_dict(), prompt="a pirate", negative_prompt="",
                                    model="stable-diffusion-v1-5/stable-diffusion-v1-5", bundle=head.digest(),
-                                   components=head.num_components)
+                                   components=head.num_components, rig=make_rig(head.names).identity())
     state = checkpoint.FitState(stage_index=0, step=1, weights=torch.zeros(head.num_components), texture_levels=None,
                                 optimizer_state=None, generator_state=torch.Generator().get_state(), losses=[1.0],
                                 snapshots=[])
@@ -379,6 +380,15 @@ def _server_cases(files: Path, disks_available: dict) -> list[tuple[str, dict, s
         ("prompt-too-long", {"prompt": "x" * 2001}, "bad_request", "at most 2000 characters"),
         ("weights-1e308", {"initial_weights": [1e308] * 50}, "bad_request", "initial_weights[0]"),
         ("weights-count", {"initial_weights": [0.0] * 3}, "bad_request", "expected 50 values"),
+        ("keys-unknown", {"keys": ["pc01_male", "nobody"]}, "bad_request", "keys: 1 name(s) the head does not have"),
+        ("keys-empty", {"keys": []}, "bad_request", "no component left to fit"),
+        ("keys-not-text", {"keys": [1, 2]}, "bad_message", "'keys' must be"),
+        ("bounds-inverted", {"bounds": {"pc01_male": [1, -1]}}, "bad_request", "expected low < high"),
+        ("bounds-1e308", {"bounds": {"pc01_male": [-1e308, 1e308]}}, "bad_request", "expected a number in"),
+        ("bounds-unknown", {"bounds": {"nobody": [0, 1]}}, "bad_request", "bounds: 1 name(s)"),
+        ("bounds-three", {"bounds": {"pc01_male": [0, 1, 2]}}, "bad_message", "'bounds' must be"),
+        ("bounds-list", {"bounds": [[0, 1]]}, "bad_message", "'bounds' must be"),
+        ("start-outside-bounds", {"bounds": {"pc01_male": [0.5, 1]}}, "bad_request", "lies outside its bounds"),
         ("model-nul", {"model": "./a\u0000b"}, "model_error", "NUL character"),
         ("model-surrogate", {"model": "./\ud800"}, "model_error", "lone UTF-16 surrogate"),
         ("job-dir-a-file", {"job_dir": str(files / "a-file")}, "output_error", "is not a folder"),
@@ -409,7 +419,8 @@ def test_serve_answers_every_hostile_request_and_keeps_serving(server, files, tm
                    "model": str(tiny_sd_dir), "config": FAST, "job_dir": str(job_dir), **fields}
         server.send_raw((json.dumps(message) + "\n").encode())
         reply = server.reply(60)
-        assert reply["type"] == "error" and reply["id"] == case, (case, reply)
+        # a line that breaks the protocol is answered without an id: nothing in it can be trusted
+        assert reply["type"] == "error" and reply["id"] == (None if kind == "bad_message" else case), (case, reply)
         assert reply["kind"] == kind and expected in reply["message"], (case, reply)
         assert "traceback" not in reply, (case, reply)
         assert server.proc.poll() is None, case

@@ -197,3 +197,14 @@ def test_end_of_input_shuts_down(tmp_path):
     assert process.next(60)["type"] == "hello"
     process.proc.stdin.close()
     assert process.proc.wait(30) == 0
+
+
+def test_a_fit_request_with_keys_and_bounds_round_trips():
+    line = protocol.encode("fit", id="r", prompt="a rig", initial_weights=[0.25, 0.0], keys=["brow"],
+                           bounds={"brow": [0.0, 1.0], "jaw": [-1.0, 1.0]})
+    message = protocol.decode(line, protocol.CLIENT_TYPES)
+    assert message["keys"] == ["brow"] and message["bounds"] == {"brow": [0.0, 1.0], "jaw": [-1.0, 1.0]}
+    for bad in ({"keys": "brow"}, {"bounds": {"brow": [0.0]}}, {"bounds": {"brow": [0.0, "1"]}}):
+        with pytest.raises(protocol.ProtocolError, match="must be"):
+            protocol.encode("fit", id="r", prompt="a rig", **bad)
+
