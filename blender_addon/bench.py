@@ -83,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     assert all(d is not None for d in decoded), "read_png could not decode the bench PNGs"
 
     ctl = controller.FitController()
-    job = controller.Job(id="bench", object_name=obj.name, names=names, indices=indices, image_name=image.name,
+    job = controller.Job(id="bench", object_name=obj.name, names=names, indices=indices, moves=[True] * len(names),
+                         widen=True, image_name=image.name,
                          job_dir=work, stages=("shape", "texture"), started_at=time.monotonic())
 
     decoded_pixels = decoded

@@ -112,6 +112,8 @@ class FitRequest:
     model: str | None = None
     bundle: str | None = None
     initial_weights: list[float] | None = None
+    keys: list[str] | None = None                     # the components to move; the others keep their values
+    bounds: dict[str, list[float]] | None = None      # component -> [low, high] (a rig's slider range)
     config: dict[str, Any] = field(default_factory=dict)
     job_dir: str | None = None
     # the add-on exports from the scene itself: the backend only writes what it needs to apply
@@ -350,7 +352,8 @@ class Backend:
         job_id = uuid.uuid4().hex[:12]
         self._send("fit", id=job_id, prompt=request.prompt, negative_prompt=request.negative_prompt,
                    model=request.model, bundle=request.bundle, initial_weights=request.initial_weights,
-                   config=dict(request.config), job_dir=request.job_dir, outputs=list(request.outputs))
+                   keys=request.keys, bounds=request.bounds, config=dict(request.config), job_dir=request.job_dir,
+                   outputs=list(request.outputs))
         self.job_id = job_id
         self._stop_sent_at = None
         self._last_message_at = time.monotonic()

@@ -18,7 +18,7 @@ from typing import Callable
 
 import bpy
 
-from . import bridge, paths, pngfile, scene
+from . import bridge, paths, pngfile, roles, scene
 from .errors import UserError
 
 log = logging.getLogger(__package__)
@@ -31,6 +31,7 @@ class FitInputs:
     negative_prompt: str = ""
     model: str = ""                 # hub id or local folder; '' = the backend's default
     config: dict = field(default_factory=dict)   # FitConfig fields that were set; the rest keep FitConfig's defaults
+    roles: dict | None = None       # key -> fit / locked / off for this fit; None: the object's (roles.roles)
 
 
 def check_fit_inputs(inputs: FitInputs):
@@ -95,8 +96,10 @@ class Status:
 class Job:
     id: str
     object_name: str
-    names: list[str]
-    indices: list[int]
+    names: list[str]                # the bundle's components: the fit and the locked keys
+    indices: list[int]              # their key-block indices
+    moves: list[bool]               # per component: a fit key (its value is applied), else locked
+    widen: bool                     # sliders may widen (a head built from a bundle), else they are the rig's
     image_name: str
     job_dir: Path
     stages: tuple[str, ...]
@@ -162,7 +165,14 @@ class FitController:
             bridge.check_settings(settings)
         except bridge.ConfigError as exc:
             raise UserError(str(exc)) from None
-        names = scene.component_names(obj)
+        plan = roles.plan(obj, inputs.roles if inputs.roles is not None else roles.roles(obj))
+        if not plan.fit:
+            raise UserError(f"No shape key of '{obj.name}' is set to Fit: give at least one key the role Fit")
+        for name, (low, high) in (plan.bounds or {}).items():
+            if not low < high:
+                raise UserError(f"Shape key '{name}' has an empty slider range [{low:g}, {high:g}]: widen it, or "
+                                "lock the key")
+        names = plan.components
         indices = scene.key_indices(obj, names)
         bundle = scene.bundle_from_object(obj, names)
         if "texture" in config.stages and not bundle.meta.get("has_uv"):
@@ -179,7 +189,7 @@ class FitController:
         except (OSError, paths.shared("files").OutputError) as exc:
             raise UserError(f"cannot write the fit's job folder in {root}: {exc}") from None
         initial = scene.read_weights(obj, names)
-        scene.take_snapshot(obj, names)
+        scene.take_snapshot(obj, scene.all_key_names(obj))
 
         self.status = Status(state="starting", message="starting the backend", object_name=obj.name,
                              last_error="", total=0)
@@ -187,7 +197,7 @@ class FitController:
         request = bridge.FitRequest(
             prompt=inputs.prompt.strip(), negative_prompt=inputs.negative_prompt.strip(),
             model=inputs.model.strip() or None, bundle=str(bundle_path), initial_weights=initial,
-            config=dict(inputs.config), job_dir=str(job_dir))
+            keys=plan.fit, bounds=plan.bounds, config=dict(inputs.config), job_dir=str(job_dir))
         try:
             job_id = backend.submit(request)
         except bridge.BackendFailure as failure:
@@ -195,7 +205,9 @@ class FitController:
             failure.stderr_tail = backend.stderr_tail()
             self._finish_failed(failure)
             raise UserError(describe_failure(failure)) from None
+        fitted = set(plan.fit)
         self.job = Job(id=job_id, object_name=obj.name, names=names, indices=indices,
+                       moves=[name in fitted for name in names], widen=plan.built_head,
                        image_name=image.name if image is not None else "", job_dir=job_dir,
                        stages=config.stages, started_at=time.monotonic())
         self.status.message = "loading the model" if backend.hello else "starting the backend"
@@ -260,8 +272,9 @@ class FitController:
     def _apply_weights(self, job: Job, obj, weights: list[float]) -> None:
         if len(weights) != len(job.indices):
             raise UserError(f"Backend sent {len(weights)} weights for {len(job.indices)} shape keys")
-        scene.apply_weights(obj, job.indices, weights)
-        self.status.weights = weights
+        moved = [(i, w) for i, w, moves in zip(job.indices, weights, job.moves) if moves]
+        scene.apply_weights(obj, [i for i, _ in moved], [w for _, w in moved], widen=job.widen)
+        self.status.weights = [w for _, w in moved]
 
     def _apply_texture(self, job: Job, path: str, decoded=None) -> None:
         """decoded: (width, height, pixels) from pngfile.read_png on the reader thread, else None

@@ -59,6 +59,11 @@ def parse_args(argv: list[str], fit_config) -> argparse.Namespace:
     parser.add_argument("--backend-python", default=None, help="backend interpreter (default: the add-on preference)")
     parser.add_argument("--object", default=None, help="name of the head object to fit")
     parser.add_argument("--bundle", default=None, help="bundle for a new head when the file has none")
+    parser.add_argument("--keys", default=None, metavar="PATTERN[,PATTERN]",
+                        help="fit only the shape keys these globs match (case-insensitive); the others the "
+                             "fit would move are locked at their values")
+    parser.add_argument("--lock", default=None, metavar="PATTERN[,PATTERN]",
+                        help="keep the shape keys these globs match at their values")
     fit_config.add_flags(parser)
     parser.add_argument("--timeout", type=float, default=None, help="seconds of backend silence treated as a hang")
     parser.add_argument("--fbx", action="store_true", help="write head.fbx")
@@ -99,7 +104,7 @@ class Addon:
     """The add-on's modules this script uses, imported under whatever package name it has."""
 
     def __init__(self, package: str):
-        for name in ("controller", "scene", "paths", "preferences", "pngfile", "errors"):
+        for name in ("controller", "scene", "paths", "preferences", "pngfile", "errors", "roles"):
             setattr(self, name, importlib.import_module(f"{package}.{name}"))
         for name in ("exits", "files", "fit_config"):
             setattr(self, name, self.paths.shared(name))
@@ -131,16 +136,25 @@ def pick_head(args, addon: Addon):
     return obj
 
 
+def key_roles(args, obj, addon: Addon) -> dict[str, str]:
+    """The object's roles (roles.roles) with --keys / --lock applied."""
+    split = (lambda text: [p for p in text.split(",") if p.strip()] if text else None)
+    try:
+        return addon.roles.with_patterns(addon.roles.roles(obj), split(args.keys), split(args.lock))
+    except ValueError as exc:
+        raise addon.errors.UserError(str(exc)) from None
+
+
 def write_outputs(args, obj, status, inputs, outputs, addon: Addon) -> None:
     """weights.json, fit.json, texture.png and the requested exports, into the output set's staging."""
     scene, files = addon.scene, addon.files
-    names = scene.component_names(obj)
+    names = [name for name, role in inputs.roles.items() if role != "off"]
     weights = scene.read_weights(obj, names)
     files.atomic_write(outputs.path("weights.json"), (json.dumps(
         {name: round(float(w), 6) for name, w in zip(names, weights)}, indent=2) + "\n").encode())
     record = {
         "prompt": inputs.prompt, "negative_prompt": inputs.negative_prompt, "model": inputs.model or None,
-        "config": inputs.config, "object": obj.name, "weights": dict(zip(names, weights)),
+        "config": inputs.config, "object": obj.name, "weights": dict(zip(names, weights)), "roles": inputs.roles,
         "state": status.state, "stopped": status.state == "stopped", "iterations": status.iterations_done,
         "seconds": status.seconds, "blender": bpy.app.version_string,
     }
@@ -192,6 +206,8 @@ def run(argv: list[str], addon: Addon) -> int:
                                             config=config)
         addon.controller.check_fit_inputs(inputs)
         obj = pick_head(args, addon)
+        addon.scene.check_head(obj)
+        inputs.roles = key_roles(args, obj, addon)
         save = args.save.absolute() if args.save else None
         if save is not None and save.exists() and not args.overwrite:
             raise files.OutputError(f"--save: {save} exists; pass --overwrite to replace it")

@@ -11,10 +11,10 @@ import logging
 import os
 
 import bpy
-from bpy.props import BoolProperty, StringProperty
+from bpy.props import BoolProperty, EnumProperty, StringProperty
 from bpy_extras.io_utils import ExportHelper
 
-from . import bridge, controller, paths, preferences, properties, scene
+from . import bridge, controller, paths, preferences, properties, roles, scene
 from .errors import UserError
 
 log = logging.getLogger(__package__)
@@ -204,6 +204,75 @@ class SDSHEAD_OT_stop_backend(OperatorBase, bpy.types.Operator):
         CONTROLLER.shutdown("backend stopped by the user")
 
 
+ROLE_ITEMS = [("fit", "Fit", "The fit moves this key (within its slider range on your own rig)"),
+              ("locked", "Locked", "The key keeps its value; it is part of the shape the fit sees"),
+              ("off", "Off", "The fit ignores the key (an expression, a corrective, a driven or muted key)")]
+
+
+def poll_head_with_keys(context) -> bool:
+    obj = context.active_object
+    return poll_idle(context) and obj is not None and obj.type == "MESH" and obj.data.shape_keys is not None
+
+
+class SDSHEAD_OT_set_key_role(OperatorBase, bpy.types.Operator):
+    """Set the role of one shape key"""
+
+    bl_idname = "sdshead.set_key_role"
+    bl_label = "Set Key Role"
+    bl_options = {"REGISTER", "UNDO", "INTERNAL"}
+
+    key: StringProperty(name="Key")
+    role: EnumProperty(name="Role", items=ROLE_ITEMS)
+
+    @classmethod
+    def poll(cls, context):
+        return poll_head_with_keys(context)
+
+    def run(self, context):
+        obj = context.active_object
+        if self.key not in obj.data.shape_keys.key_blocks:
+            raise UserError(f"'{obj.name}' has no shape key {self.key!r}")
+        roles.set_roles(obj, [self.key], self.role)
+
+
+class SDSHEAD_OT_set_roles(OperatorBase, bpy.types.Operator):
+    """Give every shape key the pattern matches this role"""
+
+    bl_idname = "sdshead.set_roles"
+    bl_label = "Set Roles"
+    bl_options = {"REGISTER", "UNDO"}
+
+    role: EnumProperty(name="Role", items=ROLE_ITEMS)
+
+    @classmethod
+    def poll(cls, context):
+        return poll_head_with_keys(context)
+
+    def run(self, context):
+        obj = context.active_object
+        pattern = context.scene.sdshead.key_pattern
+        names = roles.matching(list(roles.roles(obj)), pattern.split(","))
+        if not names:
+            raise UserError(f"Pattern {pattern!r} matches none of the shape keys of '{obj.name}'")
+        roles.set_roles(obj, names, self.role)
+        self._report("INFO", f"{len(names)} shape key(s) set to {self.role}")
+
+
+class SDSHEAD_OT_reset_roles(OperatorBase, bpy.types.Operator):
+    """Give every shape key its default role again (expressions, muted and driven keys off, the rest fit)"""
+
+    bl_idname = "sdshead.reset_roles"
+    bl_label = "Default Roles"
+    bl_options = {"REGISTER", "UNDO"}
+
+    @classmethod
+    def poll(cls, context):
+        return poll_head_with_keys(context)
+
+    def run(self, context):
+        roles.reset_roles(context.active_object)
+
+
 class SDSHEAD_OT_clear_error(OperatorBase, bpy.types.Operator):
     """Hide the last error"""
 
@@ -306,6 +375,7 @@ class SDSHEAD_OT_export_fbx(_ExportBase, bpy.types.Operator, ExportHelper):
 CLASSES = (
     SDSHEAD_OT_create_head, SDSHEAD_OT_fit, SDSHEAD_OT_stop, SDSHEAD_OT_reset, SDSHEAD_OT_stop_backend,
     SDSHEAD_OT_clear_error, SDSHEAD_OT_check_backend, SDSHEAD_OT_export_gltf, SDSHEAD_OT_export_fbx,
+    SDSHEAD_OT_set_key_role, SDSHEAD_OT_set_roles, SDSHEAD_OT_reset_roles,
 )
 
 

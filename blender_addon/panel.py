@@ -5,9 +5,10 @@ import textwrap
 
 import bpy
 
-from . import controller, scene
+from . import controller, roles, scene
 
 CONTROLLER = controller.CONTROLLER
+ROLE_ICONS = {"fit": "SHAPEKEY_DATA", "locked": "LOCKED", "off": "HIDE_ON"}
 
 
 def _wrapped(layout, text: str, width: int, icon: str = "NONE", max_lines: int = 14) -> None:
@@ -46,7 +47,7 @@ class SDSHEAD_PT_main(bpy.types.Panel):
         obj = context.active_object
         if obj is not None and obj.type == "MESH" and obj.data.shape_keys is not None:
             names = scene.component_names(obj) if len(obj.data.shape_keys.key_blocks) > 1 else []
-            box.label(text=f"{obj.name}: {len(names)} shape keys", icon="MESH_MONKEY")
+            box.label(text=f"{obj.name}: {len(names)} shape keys to fit", icon="MESH_MONKEY")
         elif obj is not None and obj.type == "MESH":
             box.label(text=f"{obj.name}: no shape keys", icon="ERROR")
         else:
@@ -110,6 +111,61 @@ class SDSHEAD_PT_main(bpy.types.Panel):
         row.operator("sdshead.export_gltf", text="glTF", icon="EXPORT")
 
 
+class SDSHEAD_UL_keys(bpy.types.UIList):
+    """The head's shape keys (not the reference key), each with its value and its role."""
+
+    def draw_item(self, context, layout, data, item, icon, active_data, active_property, index=0, flt_flag=0):
+        obj = context.active_object
+        role = roles.role_of(obj, item.name)
+        row = layout.row(align=True)
+        row.label(text=item.name, icon=ROLE_ICONS[role])
+        row.prop(item, "value", text="", emboss=role != "off")
+        buttons = row.row(align=True)
+        buttons.enabled = not CONTROLLER.busy
+        for choice in roles.ROLES:
+            op = buttons.operator("sdshead.set_key_role", text="", icon=ROLE_ICONS[choice], depress=choice == role)
+            op.key, op.role = item.name, choice
+
+    def filter_items(self, context, data, propname):
+        blocks = getattr(data, propname)
+        flags = bpy.types.UI_UL_list.filter_items_by_name(self.filter_name, self.bitflag_filter_item, blocks, "name") \
+            if self.filter_name else [self.bitflag_filter_item] * len(blocks)
+        reference = data.reference_key.name
+        return [0 if kb.name == reference else flag for kb, flag in zip(blocks, flags)], []
+
+
+class SDSHEAD_PT_keys(bpy.types.Panel):
+    """Which shape keys the fit moves (Fit), keeps at their value (Locked) or ignores (Off)."""
+
+    bl_label = "Shape Keys"
+    bl_space_type = "VIEW_3D"
+    bl_region_type = "UI"
+    bl_category = "SDS Head"
+    bl_parent_id = "SDSHEAD_PT_main"
+
+    @classmethod
+    def poll(cls, context):
+        obj = context.active_object
+        return obj is not None and obj.type == "MESH" and obj.data.shape_keys is not None
+
+    def draw(self, context):
+        layout = self.layout
+        obj = context.active_object
+        keys = obj.data.shape_keys
+        counts = {role: 0 for role in roles.ROLES}
+        for role in roles.roles(obj).values():
+            counts[role] += 1
+        layout.label(text=f"Fit {counts['fit']}, locked {counts['locked']}, off {counts['off']}")
+        layout.template_list("SDSHEAD_UL_keys", "", keys, "key_blocks", obj, "active_shape_key_index", rows=6)
+        column = layout.column(align=True)
+        column.enabled = not CONTROLLER.busy
+        column.prop(context.scene.sdshead, "key_pattern", text="Pattern")
+        row = column.row(align=True)
+        for choice, label in (("fit", "Fit"), ("locked", "Lock"), ("off", "Off")):
+            row.operator("sdshead.set_roles", text=label, icon=ROLE_ICONS[choice]).role = choice
+        column.operator("sdshead.reset_roles", icon="LOOP_BACK")
+
+
 class SDSHEAD_PT_advanced(bpy.types.Panel):
     bl_label = "Advanced"
     bl_space_type = "VIEW_3D"
@@ -129,6 +185,6 @@ class SDSHEAD_PT_advanced(bpy.types.Panel):
         self.layout.operator("sdshead.stop_backend", icon="CANCEL")
 
 
-CLASSES = (SDSHEAD_PT_main, SDSHEAD_PT_advanced)
+CLASSES = (SDSHEAD_UL_keys, SDSHEAD_PT_main, SDSHEAD_PT_keys, SDSHEAD_PT_advanced)
 
 register, unregister = bpy.utils.register_classes_factory(CLASSES)

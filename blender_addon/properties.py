@@ -61,6 +61,9 @@ class SDSHEAD_PG_settings(bpy.types.PropertyGroup):
     event_every: _int("event_every", "Update Every", "Send the weights to Blender every N iterations", soft_max=1000)
     texture_every: _int("texture_every", "Texture Every", "Send the texture to Blender every N iterations",
                         soft_max=1000)
+    key_pattern: StringProperty(name="Key Pattern", default="*",
+                                description="Shape keys the Fit / Lock / Off buttons below set: globs, comma-separated "
+                                            "(e.g. 'nose*, chin*'; '*' is every key)")
 
 
 class SDSHEAD_PG_status(bpy.types.PropertyGroup):

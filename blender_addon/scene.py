@@ -1,9 +1,10 @@
 """Blender data services (bpy + numpy, no UI): head mesh <-> bundle, weights, texture, snapshots, export.
 
 A head is a mesh object whose shape keys are the model: the reference key ("Basis") is the mean,
-each component is one relative key named as in the bundle. The names of the component keys are
-kept on the object (`sdshead_components`), so expression keys that Create default head adds are
-not fitted; for any other mesh every non-reference key is a component.
+each component is one relative key named as in the bundle. Which keys a fit moves, keeps or
+ignores is roles.py's business: a head built from a bundle records its components
+(`sdshead_components`), so its expression keys are not fitted; on any other mesh muted, driven and
+expression-named keys are left alone.
 
 Everything here runs on the main thread. Functions that take an object name look it up each time,
 so a tick never holds a stale reference after undo or a file load.
@@ -18,10 +19,10 @@ from pathlib import Path
 
 import bpy
 
-from . import paths
+from . import paths, roles
 from .errors import UserError
 
-PROP_COMPONENTS = "sdshead_components"   # object custom property: JSON list of component key names
+PROP_COMPONENTS = roles.PROP_COMPONENTS  # object custom property: JSON list of component key names
 PROP_SNAPSHOT = "sdshead_prefit"         # object custom property: weights + texture backup before the fit
 TEXTURE_NODE = "SDSHead Texture"         # the image node whose image is the fitted texture
 HEAD_NAME = "SDS Head"
@@ -204,19 +205,14 @@ def check_head(obj) -> None:
 
 
 def component_names(obj) -> list[str]:
-    """Names of the keys the fit drives, in the model's order."""
+    """Names of the keys a fit moves (their role is fit), in the keys' order."""
+    return [name for name, role in roles.roles(obj).items() if role == "fit"]
+
+
+def all_key_names(obj) -> list[str]:
+    """Every shape key but the reference key, in order."""
     keys = obj.data.shape_keys
-    blocks = keys.key_blocks
-    stored = obj.get(PROP_COMPONENTS)
-    if isinstance(stored, str):
-        try:
-            names = json.loads(stored)
-        except json.JSONDecodeError:
-            names = None
-        if isinstance(names, list) and names and all(isinstance(n, str) and n in blocks for n in names):
-            return names
-    reference = keys.reference_key.name
-    return [kb.name for kb in blocks if kb.name != reference]
+    return [kb.name for kb in keys.key_blocks if kb.name != keys.reference_key.name]
 
 
 def key_indices(obj, names: list[str]) -> list[int]:
@@ -241,8 +237,9 @@ def _key_cos(kb, count: int):
 
 
 def bundle_from_object(obj, names: list[str]):
-    """The object's shape keys as a bundle: mean = reference key plus the current mix of the keys that
-    are not components (expressions stay as the user set them), one basis row per component.
+    """The object's shape keys `names` as a bundle: mean = the reference key, one basis row per key
+    (each the key's offset from its relative key). Other keys are not part of it: the fit ignores
+    them (roles.py).
 
     The fit sees the head as it stands in the scene: the object's rotation and scale are applied
     (an FBX imported from a Y-up tool is often upright only through its object rotation), its
@@ -273,12 +270,7 @@ def bundle_from_object(obj, names: list[str]):
                 d = d * weights[:, None]
         return d
 
-    component_set = set(names)
     mean = cos(reference).copy()
-    for kb in blocks:
-        if kb.name in component_set or kb == reference or kb.mute or kb.value == 0.0:
-            continue
-        mean += kb.value * delta(kb)
     basis = np.stack([delta(blocks[n]) for n in names]).astype(np.float32)
 
     mesh.calc_loop_triangles()
@@ -319,14 +311,15 @@ def bundle_from_object(obj, names: list[str]):
 
 
 # ---------------------------------------------------------------------------- weights
-def apply_weights(obj, indices: list[int], weights) -> None:
-    """Set the component keys' values; widen a slider when a value falls outside it."""
+def apply_weights(obj, indices: list[int], weights, widen: bool = True) -> None:
+    """Set the keys' values. widen: a head built from a bundle (our sliders) widens a slider that a
+    value falls outside; on a user's rig (widen=False) the fit keeps within the sliders itself."""
     blocks = obj.data.shape_keys.key_blocks
     for i, w in zip(indices, weights):
         kb = blocks[i]
-        if w > kb.slider_max:
+        if widen and w > kb.slider_max:
             kb.slider_max = min(MAX_SLIDER, float(math.ceil(w)))
-        elif w < kb.slider_min:
+        elif widen and w < kb.slider_min:
             kb.slider_min = max(-MAX_SLIDER, float(math.floor(w)))
         kb.value = w
 
@@ -563,9 +556,33 @@ def _write(path: Path, write) -> Path:
         raise UserError(str(exc)) from None
 
 
+class _MutedKeysAsZero:
+    """While exporting glTF: muted keys unmuted at value 0, then put back exactly as they were.
+
+    Blender's glTF exporter leaves muted keys out; a morph target at weight 0 keeps the key (a rig's
+    corrective or expression) in the file and looks the same, as a muted key deforms nothing. glTF
+    has no 'muted', so the key's own value does not travel (FBX keeps both)."""
+
+    def __init__(self, obj):
+        keys = obj.data.shape_keys
+        self.muted = [kb for kb in keys.key_blocks if kb.mute] if keys is not None else []
+        self.values = [kb.value for kb in self.muted]
+
+    def __enter__(self):
+        for kb in self.muted:
+            kb.mute, kb.value = False, 0.0
+        return self
+
+    def __exit__(self, *exc):
+        for kb, value in zip(self.muted, self.values):
+            kb.mute, kb.value = True, value
+        return False
+
+
 def export_gltf(obj, filepath: str) -> Path:
-    """Binary glTF with every shape key (names + current values as mesh weights) and the texture
-    embedded. Modifiers are not applied: applying them would drop the shape keys."""
+    """Binary glTF with every shape key (names + current values as mesh weights; muted keys at 0, see
+    _MutedKeysAsZero) and the texture embedded. Modifiers are not applied: applying them would drop
+    the shape keys."""
     path = Path(filepath)
     if path.suffix.lower() not in (".glb", ".gltf"):
         path = path.with_suffix(".glb")
@@ -579,7 +596,7 @@ def export_gltf(obj, filepath: str) -> Path:
             export_materials="EXPORT", export_image_format="AUTO", export_texcoords=True, export_normals=True,
             export_yup=True, export_animations=False, export_extras=False,
         ))
-        with _OnlySelected(obj):
+        with _OnlySelected(obj), _MutedKeysAsZero(obj):
             result = operator(**kwargs)
         if "FINISHED" not in result:
             raise UserError(f"glTF export to {path} failed (see the system console)")

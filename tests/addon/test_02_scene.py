@@ -144,12 +144,12 @@ def test_user_mesh_becomes_a_bundle_the_backend_loads(addon, tmp_path):
         for point in kb.data:
             point.co = point.co + __import__("mathutils").Vector(offset)
     obj.data.shape_keys.key_blocks["smile"].value = 0.5
-    obj["sdshead_components"] = json.dumps(["wide", "tall"])
     names = scene.component_names(obj)
+    assert names == ["wide", "tall"]                  # 'smile' names an expression: off by default
     bundle = scene.bundle_from_object(obj, names)
     assert bundle.names == ("wide", "tall")
     ref = _cos(obj)
-    np.testing.assert_allclose(bundle.mean, scene.from_blender(ref + np.array([0, 0.05, 0], np.float32)), atol=1e-6)
+    np.testing.assert_allclose(bundle.mean, scene.from_blender(ref), atol=1e-6)   # an off key is not part of it
     np.testing.assert_allclose(bundle.basis[1], np.tile([0, 0.3, 0], (len(ref), 1)), atol=1e-6)  # Blender +Z = glTF +Y
     path = scene.bundles().save(bundle, tmp_path / "monkey.npz")
     if not BACKEND_PYTHON.is_file():
@@ -313,3 +313,37 @@ def test_reader_thread_png_decoder_matches_blender_and_leaves_filtered_pngs_to_i
         filtered = _png_with_row_filters(tmp_path / f"filter{only}.png", pixels, filters)
         assert pngfile.read_png(filtered) is None
         np.testing.assert_array_equal(scene.read_pixels(bpy.data.images.load(str(filtered))), decoded[2])
+
+
+def test_default_roles_leave_a_rigs_expressions_muted_and_driven_keys_alone(addon):
+    from blender_addon import roles
+
+    bpy.ops.mesh.primitive_monkey_add()
+    obj = bpy.context.active_object
+    obj.shape_key_add(name="Basis")
+    names = ("nose_width", "ear", "chin_L", "brow_height", "EyeBlink_L", "mouthSmile.R", "Smile", "viseme_aa",
+             "jaw_open", "browInnerUp", "muted_width", "driven_depth")
+    for name in names:
+        obj.shape_key_add(name=name, from_mix=False)
+    blocks = obj.data.shape_keys.key_blocks
+    blocks["muted_width"].mute = True
+    driver = blocks["driven_depth"].driver_add("value").driver
+    driver.expression = "0.5"
+    expected = {"nose_width": "fit", "ear": "fit", "chin_L": "fit", "brow_height": "fit", "EyeBlink_L": "off",
+                "mouthSmile.R": "off", "Smile": "off", "viseme_aa": "off", "jaw_open": "off", "browInnerUp": "off",
+                "muted_width": "off", "driven_depth": "off"}
+    assert roles.roles(obj) == expected
+    roles.set_roles(obj, ["ear"], "locked")
+    roles.set_roles(obj, ["Smile"], "fit")
+    assert roles.roles(obj) == {**expected, "ear": "locked", "Smile": "fit"}
+    plan = roles.plan(obj, roles.roles(obj))
+    assert plan.components == ["nose_width", "ear", "chin_L", "brow_height", "Smile"]
+    assert plan.fit == ["nose_width", "chin_L", "brow_height", "Smile"] and not plan.built_head
+    assert plan.bounds == {name: [0.0, 1.0] for name in plan.fit}          # each key's own slider range
+    headless = roles.with_patterns(roles.roles(obj), keys=["nose*", "BROW*"], lock=None)
+    # a pattern may name an off key too: it was asked for
+    assert [n for n, r in headless.items() if r == "fit"] == ["nose_width", "brow_height", "browInnerUp"]
+    assert headless["chin_L"] == headless["Smile"] == "locked" and headless["EyeBlink_L"] == "off"
+    with pytest.raises(ValueError, match="matches none"):
+        roles.with_patterns(roles.roles(obj), keys=["zz*"], lock=None)
+

@@ -14,50 +14,15 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 
 import numpy as np
 import pytest
 
 from conftest import BLENDER, ROOT, SERVE_PYTHON, needs_backend, needs_blender
+from reimport import reimport as _import
 
 pytestmark = [needs_blender, needs_backend, pytest.mark.blender]
 HEADLESS = ROOT / "blender_addon" / "headless.py"
-IMPORT_SCRIPT = textwrap.dedent('''
-    import json, sys
-    try:
-        import numpy
-        if not hasattr(numpy, "bool"):
-            numpy.bool = bool  # Blender 3.4's glTF importer with numpy >= 1.24
-    except ImportError:
-        pass
-    import bpy
-    path = sys.argv[sys.argv.index("--") + 1]
-    bpy.ops.wm.read_factory_settings(use_empty=True)
-    if path.endswith(".glb"):
-        bpy.ops.import_scene.gltf(filepath=path)
-    elif path.endswith(".fbx"):
-        bpy.ops.import_scene.fbx(filepath=path)
-    else:
-        bpy.ops.wm.open_mainfile(filepath=path)
-    meshes = [o for o in bpy.data.objects if o.type == "MESH" and o.data.shape_keys is not None]
-    obj = meshes[0]
-    keys = {kb.name: kb.value for kb in obj.data.shape_keys.key_blocks[1:]}
-    images = []
-    for slot in obj.material_slots:
-        tree = slot.material.node_tree if slot.material else None
-        for node in (tree.nodes if tree else []):
-            image = getattr(node, "image", None)
-            if image is not None and image.size[0] > 0:
-                px = [0.0] * (image.size[0] * image.size[1] * image.channels)
-                image.pixels.foreach_get(px)
-                images.append({"size": list(image.size), "channels": image.channels, "head": px[:64],
-                               "packed": image.packed_file is not None})
-    print("RESULT " + json.dumps({"meshes": len(meshes), "keys": keys, "images": images,
-                                  "blender": bpy.app.version_string}))
-''')
-
-
 @pytest.fixture(scope="module")
 def headless_run(tmp_path_factory, tiny_sd_dir, head_bundle):
     out = tmp_path_factory.mktemp("e2e") / "out"
@@ -70,19 +35,6 @@ def headless_run(tmp_path_factory, tiny_sd_dir, head_bundle):
                "--texture-every", "2", "--glb", "--fbx", "--save", str(out / "head.blend")]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     return out, result, env
-
-
-def _import(path, env, python=None):
-    script = path.parent.parent / "import_check.py"
-    script.write_text(IMPORT_SCRIPT)
-    if python:
-        command = [python, str(script), "--", str(path)]
-    else:
-        command = [BLENDER, "-b", "--factory-startup", "--python-exit-code", "1", "-P", str(script), "--", str(path)]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    line = next(l for l in result.stdout.splitlines() if l.startswith("RESULT "))
-    return json.loads(line[len("RESULT "):])
 
 
 def test_headless_run_exits_0_and_writes_the_outputs(headless_run):
