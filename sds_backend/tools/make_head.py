@@ -25,12 +25,12 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from .. import bundle
+from .. import DEFAULT_BUNDLE, bundle
 from ..core.morphable import MorphableTensors
 from ..core.render import camera, shading
 from . import head_source as source
 
-DEFAULT_OUT = Path(__file__).resolve().parents[1] / "assets" / "default_head.npz"
+DEFAULT_OUT = DEFAULT_BUNDLE
 NUM_COMPONENTS = 50
 
 # hm08 vertex on the front midline of the neck, two edge loops above the sternal notch. Of the two
@@ -79,7 +79,8 @@ SECOND_NAME_RATIO = 0.7
 # MakeHuman's slider words -> shorter ones an artist reads at a glance ("nose_scale_horiz" ->
 # "nose_width"), applied in order.
 LABEL_WORDS = (("scale_horiz", "width"), ("scale_vert", "height"), ("scale_depth", "depth"),
-               ("_scale", "_size"), ("_trans_", "_"), ("measure_", ""), ("brown", "brow"))
+               ("_scale", "_size"), ("_trans_", "_"), ("measure_", ""), ("brown", "brow"),
+               ("nubian", "bulge"))     # MakeHuman's "forehead-nubian" raises and rounds the forehead
 GENDERS = ("female", "male")
 AGES = ("young", "old")           # adults only: babies and children are not sampled
 TONES = ("min", "average", "max")  # muscle and weight levels of the "universal" macro targets
@@ -491,16 +492,80 @@ def principal_components(moments: Moments, targets: np.ndarray, mirror: np.ndarr
 
 
 def component_names(components: Components, labels: list[tuple[str, str]]) -> list[str]:
-    """`pcNN_<factor>` after the factor each component correlates with most (NN from 01), plus
-    `__<factor>` for the runner-up when it is nearly as strong: components with close variances
-    mix their sliders, and one name alone would repeat."""
+    """`pcNN_<slider>` after the artist slider each component correlates with most (NN from 01),
+    plus `__<slider>` for the runner-up when it is nearly as strong: components with close
+    variances mix their sliders, and one name alone would repeat.
+
+    Only the artist's sliders name components (labels: one (positive, negative) pair per slider,
+    the first columns of factor_corr). MakeHuman's macro factors (gender, age, muscle, weight and
+    an ethnic mix) are not shapes an artist dials, and a head's controls say what they do to the
+    head, not whom it looks like; `component_notes` reports how each relates to them."""
     names = []
-    for k, corr in enumerate(components.factor_corr):
+    for k, corr in enumerate(components.factor_corr[:, :len(labels)]):
         first, second = np.argsort(-np.abs(corr), kind="stable")[:2]
         parts = [first] + ([second] if abs(corr[second]) >= SECOND_NAME_RATIO * abs(corr[first]) else [])
         words = [labels[i][0] if corr[i] > 0 else labels[i][1] for i in parts]
         names.append(f"pc{k + 1:02d}_" + "__".join(words))
     return names
+
+
+# where on the head a vertex lies, from its position in the mean head's bounding box (x: subject's
+# left, y: up, z: forward; each scaled to [-1, 1]): the first region whose test holds
+REGIONS = (("ears", lambda x, y, z: abs(x) > 0.78 and -0.2 < y < 0.45 and z < 0.35),
+           ("neck", lambda x, y, z: y < -0.62),
+           ("top of the head", lambda x, y, z: y > 0.72),
+           ("back of the head", lambda x, y, z: z < -0.3),
+           ("nose", lambda x, y, z: abs(x) < 0.22 and -0.15 < y < 0.22 and z > 0.65),
+           ("mouth", lambda x, y, z: abs(x) < 0.4 and -0.38 < y <= -0.15 and z > 0.45),
+           ("chin", lambda x, y, z: abs(x) < 0.45 and -0.62 <= y <= -0.38 and z > 0.3),
+           ("jaw", lambda x, y, z: y <= -0.15),
+           ("eyes", lambda x, y, z: 0.1 < abs(x) < 0.6 and 0.1 < y < 0.35 and z > 0.45),
+           ("forehead", lambda x, y, z: y >= 0.35 and z > 0.3),
+           ("cheeks", lambda x, y, z: True))
+
+
+def component_notes(components: Components, space: "ShapeSpace", mean: np.ndarray, basis: np.ndarray) -> list[dict]:
+    """Per component: the region that holds most of its displacement energy, which way it moves
+    the vertex it moves most there (up/down, forward/backward, or outward/inward from the middle;
+    an average over the region would cancel out for many components and flip with rounding), that
+    largest displacement, its strongest artist slider and its strongest macro factor: for the
+    bundle's meta and assets/README.md."""
+    low, high = mean.min(axis=0), mean.max(axis=0)
+    centre, half = (low + high) / 2, (high - low) / 2
+    position = (mean - centre) / half
+    region_of = np.array([next(name for name, test in REGIONS if test(*p)) for p in position])
+    # the mean head is mirror-symmetric: midline vertices sit at x = +-1e-9, and mirrored pairs tie;
+    # rounding settles both the same way whatever the BLAS threads made of the last bits
+    side = np.sign(np.round(position[:, 0], 6))
+    macro_labels = [positive for positive, _ in MACRO_FACTORS]
+    notes = []
+    for k, corr in enumerate(components.factor_corr):
+        energy = (basis[k] ** 2).sum(axis=1)
+        shares = {name: float(energy[region_of == name].sum()) for name, _ in REGIONS}
+        region = max(shares, key=shares.get)
+        inside = np.flatnonzero(region_of == region)
+        largest = np.round(energy[inside] / energy[inside].max(), 6) == 1.0
+        vertex = inside[largest][int(np.argmax(position[inside[largest], 0]))]   # of a tie, the subject's left
+        moves = basis[k][vertex] * np.array([side[vertex] or 1.0, 1.0, 1.0])
+        axis = int(np.abs(moves).argmax())
+        direction = (("inward", "outward"), ("down", "up"), ("backward", "forward"))[axis][int(moves[axis] > 0)]
+        sliders, macros = corr[:len(space.sliders)], corr[len(space.sliders):]
+        slider, macro = int(np.abs(sliders).argmax()), int(np.abs(macros).argmax())
+        notes.append({"region": region, "direction": direction,
+                      "energy_share": round(shares[region] / float(energy.sum()), 3),
+                      "mm_at_1sd": round(1000.0 * float(np.sqrt(energy[inside].max())), 2),
+                      "slider": space.sliders[slider].name, "slider_corr": round(float(sliders[slider]), 3),
+                      "slider_end": (space.sliders[slider].positive_label if sliders[slider] > 0
+                                     else space.sliders[slider].negative_label),
+                      "macro_factor": macro_labels[macro], "macro_corr": round(float(macros[macro]), 3)})
+    return notes
+
+
+def describe(name: str, note: dict) -> str:
+    """One line for assets/README.md."""
+    return (f"moves the {note['region']} {note['direction']} ({note['energy_share']:.0%} of its displacement, up to "
+            f"{note['mm_at_1sd']:g} mm at +1 sd); most like `{note['slider_end']}` "
+            f"(r = {abs(note['slider_corr']):.2f})")
 
 
 # --------------------------------------------------------------------------------- 4. the targets
@@ -586,10 +651,13 @@ def build_model(wheel_path: Path) -> tuple[bundle.Bundle, BuildReport]:
     uv, uv_quads = pack_uvs(mesh, head)
     faces, uv_faces = triangulate(head.quads, uv_quads, mean)
     variance_captured = float(components.variances.sum() / components.total_variance)
+    basis = basis.reshape(NUM_COMPONENTS, -1, 3)
+    names = component_names(components, space.factor_labels[:len(space.sliders)])
     meta = {**provenance, **_build_notes(head, space, components, excluded, variance_captured)}
+    meta["shape"]["components"] = [{"name": name, **note}
+                                   for name, note in zip(names, component_notes(components, space, mean, basis))]
     model = bundle.Bundle.from_arrays(
-        mean=mean.astype(np.float32), basis=basis.reshape(NUM_COMPONENTS, -1, 3).astype(np.float32),
-        names=np.asarray(component_names(components, space.factor_labels)),
+        mean=mean.astype(np.float32), basis=basis.astype(np.float32), names=np.asarray(names),
         faces=faces.astype(np.int32), uv=uv.astype(np.float32), uv_faces=uv_faces.astype(np.int32),
         polygons=head.quads.astype(np.int32), expr_basis=expressions.astype(np.float32),
         expr_names=np.asarray(expression_names), meta=meta)

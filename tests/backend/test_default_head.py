@@ -174,8 +174,26 @@ def test_head_size_components_are_named_after_the_axis_they_grow(head):
 
 
 def test_first_component_is_the_gender_axis(head):
-    """The largest head-shape difference in the sampled population is male vs female."""
-    assert head.names[0].startswith("pc01_male")
+    """The largest head-shape difference in the sampled population is male vs female: the first
+    component's strongest macro factor (recorded in meta, not in its name)."""
+    first = head.meta["shape"]["components"][0]
+    assert first["name"] == head.names[0] and first["macro_factor"] == "male" and abs(first["macro_corr"]) > 0.5
+
+
+def test_component_names_say_what_they_do_not_whom_a_head_looks_like(head):
+    words = ("african", "asian", "caucasian", "nubian", "european", "ethnic", "race", "male", "female")
+    for name in head.names:
+        assert re.fullmatch(r"pc\d\d_[a-z0-9_]+", name), name
+        assert not any(word in name for word in words), name
+    assert len({name[5:] for name in head.names}) > 40        # descriptive enough to tell most apart
+
+
+def test_assets_readme_describes_every_component(head):
+    from sds_backend.tools.make_head import describe
+
+    readme = ASSETS_README.read_text()
+    for note in head.meta["shape"]["components"]:
+        assert f"| `{note['name']}` | {describe(note['name'], note)} |" in readme, note["name"]
 
 
 # -------------------------------------------------------------------------------------- the UVs

@@ -369,6 +369,9 @@ def server(tmp_path_factory):
 
 def _server_cases(files: Path, disks_available: dict) -> list[tuple[str, dict, str, str]]:
     """(id, fit fields, error kind, expected text)."""
+    from sds_backend import DEFAULT_BUNDLE, bundle
+
+    first = bundle.load(DEFAULT_BUNDLE).names[0]
     cases = [(f"config:{case}", {"config": values}, "bad_request", expected)
              for case, values, expected in hostile.config_cases()]
     cases += [(f"bundle:{case}", {"bundle": str(path)}, "bundle_error", expected)
@@ -380,15 +383,15 @@ def _server_cases(files: Path, disks_available: dict) -> list[tuple[str, dict, s
         ("prompt-too-long", {"prompt": "x" * 2001}, "bad_request", "at most 2000 characters"),
         ("weights-1e308", {"initial_weights": [1e308] * 50}, "bad_request", "initial_weights[0]"),
         ("weights-count", {"initial_weights": [0.0] * 3}, "bad_request", "expected 50 values"),
-        ("keys-unknown", {"keys": ["pc01_male", "nobody"]}, "bad_request", "keys: 1 name(s) the head does not have"),
+        ("keys-unknown", {"keys": [first, "nobody"]}, "bad_request", "keys: 1 name(s) the head does not have"),
         ("keys-empty", {"keys": []}, "bad_request", "no component left to fit"),
         ("keys-not-text", {"keys": [1, 2]}, "bad_message", "'keys' must be"),
-        ("bounds-inverted", {"bounds": {"pc01_male": [1, -1]}}, "bad_request", "expected low < high"),
-        ("bounds-1e308", {"bounds": {"pc01_male": [-1e308, 1e308]}}, "bad_request", "expected a number in"),
+        ("bounds-inverted", {"bounds": {first: [1, -1]}}, "bad_request", "expected low < high"),
+        ("bounds-1e308", {"bounds": {first: [-1e308, 1e308]}}, "bad_request", "expected a number in"),
         ("bounds-unknown", {"bounds": {"nobody": [0, 1]}}, "bad_request", "bounds: 1 name(s)"),
-        ("bounds-three", {"bounds": {"pc01_male": [0, 1, 2]}}, "bad_message", "'bounds' must be"),
+        ("bounds-three", {"bounds": {first: [0, 1, 2]}}, "bad_message", "'bounds' must be"),
         ("bounds-list", {"bounds": [[0, 1]]}, "bad_message", "'bounds' must be"),
-        ("start-outside-bounds", {"bounds": {"pc01_male": [0.5, 1]}}, "bad_request", "lies outside its bounds"),
+        ("start-outside-bounds", {"bounds": {first: [0.5, 1]}}, "bad_request", "lies outside its bounds"),
         ("model-nul", {"model": "./a\u0000b"}, "model_error", "NUL character"),
         ("model-surrogate", {"model": "./\ud800"}, "model_error", "lone UTF-16 surrogate"),
         ("job-dir-a-file", {"job_dir": str(files / "a-file")}, "output_error", "is not a folder"),
