@@ -36,8 +36,7 @@ from pathlib import Path
 import bpy
 
 ADDON_DIR = Path(__file__).resolve().parent
-OUTPUT_FILES = ("weights.json", "fit.json", "texture.png", "head.glb", "head.fbx",
-                "job")      # `job`: the backend's folder of release 0.1's runs, replaced like an output
+OUTPUT_FILES = ("weights.json", "fit.json", "texture.png", "head.glb", "head.fbx")
 
 
 def say(text: str) -> None:
@@ -208,14 +207,14 @@ def run(argv: list[str], addon: Addon) -> int:
         obj = pick_head(args, addon)
         addon.scene.check_head(obj)
         inputs.roles = key_roles(args, obj, addon)
-        save = args.save.absolute() if args.save else None
-        if save is not None and save.exists() and not args.overwrite:
-            raise files.OutputError(f"--save: {save} exists; pass --overwrite to replace it")
-        outputs = files.OutputSet(args.out.absolute(), OUTPUT_FILES, replace=args.overwrite, what="--out").prepare()
+        outputs = files.OutputSet(args.out, OUTPUT_FILES, replace=args.overwrite, what="--out").prepare()
+        save = _check_save(args, outputs, files) if args.save else None     # --out exists now: it may hold it
     except UserError as exc:
         fail(str(exc))
         return exits.BAD_INPUT
     except files.OutputError as exc:
+        if outputs is not None:
+            outputs.discard()
         fail(str(exc))
         return exits.OUTPUT
 
@@ -275,6 +274,13 @@ def run(argv: list[str], addon: Addon) -> int:
             if report in CONTROLLER.listeners:
                 CONTROLLER.listeners.remove(report)
             CONTROLLER.shutdown("headless run ended")
+
+
+def _check_save(args, outputs, files) -> Path:
+    save = args.save.expanduser().absolute()
+    if save.parent == outputs.folder and save.name in OUTPUT_FILES:
+        raise files.OutputError(f"--save: {save} is where the fit writes its {save.name}; choose another name")
+    return files.check_output_file(save, "--save", args.overwrite)
 
 
 def _script_args() -> list[str]:

@@ -122,6 +122,18 @@ class FitConfig:
         return sum(self.steps_of(stage) for stage in self.stages)
 
 
+def texture_level_sides(config: FitConfig) -> list[int]:
+    """Sides of the texture's parameter levels: the texture itself for "rgb"; for "pyramid" from
+    size/32 (at least 8) up to size, doubling."""
+    size = config.texture_size
+    if config.texture_param == "rgb":
+        return [size]
+    sides = [size]
+    while sides[-1] // 2 >= max(8, size // 32):
+        sides.append(sides[-1] // 2)
+    return sides[::-1]
+
+
 class Range(NamedTuple):
     """Allowed values of a number: low..high (bounds included unless `low_open`), integers only or not."""
 

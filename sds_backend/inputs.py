@@ -136,6 +136,13 @@ class Rig:
         """What a checkpoint must match to resume (the start no longer matters then)."""
         return {"centre": list(self.centre), "scale": list(self.scale), "low": list(self.low), "high": list(self.high)}
 
+    def coordinate_bounds(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """The bounds of the fit's coordinates u: (low - centre) / scale and (high - centre) / scale,
+        (0, 0) for a key that is not fitted."""
+        low = tuple((lo - c) / s if s > 0 else 0.0 for lo, c, s in zip(self.low, self.centre, self.scale))
+        high = tuple((hi - c) / s if s > 0 else 0.0 for hi, c, s in zip(self.high, self.centre, self.scale))
+        return low, high
+
 
 def _unknown(names: Sequence[str], known: Sequence[str], what: str) -> None:
     missing = [str(name) for name in names if name not in known]

@@ -11,7 +11,10 @@ Client -> backend
                                         initial weights); bounds: name -> [low, high] of a component (a
                                         rig's slider range: the prior is centred on its initial weight
                                         and scaled to its range; default +-config.weight_clamp, prior
-                                        centred on 0); outputs: subset of OUTPUT_NAMES (default: all)
+                                        centred on 0); outputs: subset of OUTPUT_NAMES (default: all);
+                                        job_dir: a folder for the outputs that holds none yet (another
+                                        fit's outputs there are an output_error, never replaced); by
+                                        default a folder of the backend's own under the temp folder
     stop      [id]                      cooperative: the fit ends within one iteration; a stop for no
                                         running fit (or another one) is ignored
     shutdown                            the backend exits after the current message

@@ -4,10 +4,10 @@ Outputs: weights.json (component -> weight), texture.png (with the texture stage
 evolution.gif, head.glb (morph targets + texture), fit.json (settings and figures) and
 checkpoint.safetensors (continue with --resume).
 
-Every input is checked before torch is imported (well under 2 s): prompt, settings, model
-source, bundle, starting weights, the checkpoint to resume and the output folder (created,
-probed for a small write, and refused when it holds another fit's outputs unless --overwrite or
---resume). Outputs are staged and moved into the folder together at the end; a failure or an
+Every input is checked before a model loads (well under 2 s; torch is imported only to check a
+checkpoint to resume): prompt, settings, model source, bundle, starting weights, the checkpoint
+and the output folder (created, probed for a small write, locked, and refused when it holds
+another fit's outputs unless --overwrite, or --resume with that fit's checkpoint). Outputs are staged and moved into the folder together at the end; a failure or an
 abort leaves the folder as it was. Exit codes: sds_backend/exits.py (README's table).
 """
 from __future__ import annotations
@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from .. import exits, fit_config
@@ -43,8 +44,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def check_arguments(args: argparse.Namespace) -> tuple[FitRequest, OutputSet, Path]:
-    """Everything that can be known before a model loads -> (request, prepared outputs, checkpoint path)."""
+@dataclass
+class Plan:
+    """What `fit` will do, known before a model loads."""
+
+    request: FitRequest
+    outputs: OutputSet            # prepared: the folder exists, is locked, and takes a small write
+    checkpoint: Path              # where the fit writes its checkpoint (in the folder, or staged with the rest)
+    resume: bool                  # continue from the checkpoint already in the folder
+
+
+def check_arguments(args: argparse.Namespace) -> Plan:
+    """Everything that can be known before a model loads, checked."""
     check_device_name(args.device)
     weights_json = None
     if args.initial_weights is not None:
@@ -52,29 +63,41 @@ def check_arguments(args: argparse.Namespace) -> tuple[FitRequest, OutputSet, Pa
                                   f"--initial-weights {args.initial_weights}")
     request = make_request(args.prompt, args.negative, args.model, args.bundle, weights_json=weights_json,
                            config=fit_config.from_flags(args), export_expressions=args.expressions)
-    outputs = OutputSet(args.out, FIT_FILES, replace=args.overwrite or args.resume, what="--out",
+    outputs = OutputSet(args.out, FIT_FILES, what="--out",
                         hint="pass --overwrite to replace them, --resume to continue that fit")
-    checkpoint_path = outputs.folder / OUTPUT_FILES["checkpoint"]
+    existing = outputs.existing_outputs()
+    checkpoint = outputs.folder / OUTPUT_FILES["checkpoint"]
+    resume = args.resume and checkpoint.exists()
     if args.resume:
-        _check_resumable(outputs.folder, checkpoint_path, request)
+        check_resumable(outputs.folder, checkpoint, request, existing)
+    outputs.replace = args.overwrite or resume
     outputs.prepare()
-    return request, outputs, checkpoint_path
+    # The checkpoint lies in the folder from the first periodic save, so that a crash can resume;
+    # when it would sit beside another fit's outputs (--overwrite), it is staged with the rest.
+    if resume or not existing:
+        checkpoint = outputs.direct_path(OUTPUT_FILES["checkpoint"])
+    else:
+        checkpoint = outputs.path(OUTPUT_FILES["checkpoint"])
+    return Plan(request, outputs, checkpoint, resume)
 
 
-def _check_resumable(folder: Path, checkpoint_path: Path, request: FitRequest) -> None:
-    from ..core.checkpoint import CheckpointError, Identity, check_resumable
+def check_resumable(folder: Path, checkpoint_path: Path, request: FitRequest, existing: list[str]) -> None:
+    from ..core.checkpoint import CheckpointError, Expected, Identity, load
 
     if not checkpoint_path.exists():
         if (folder / LEGACY_CHECKPOINT).exists():
             raise InputError(f"--resume: {folder / LEGACY_CHECKPOINT} is a pickled checkpoint of an earlier release; "
                              "it is not opened (loading a pickle can run code). Run again with --overwrite")
+        if existing:
+            raise InputError(f"--resume: {folder} holds the outputs of another run ({', '.join(existing)}) but no "
+                             f"{checkpoint_path.name} to continue from; pass --overwrite to replace them")
         logging.getLogger("sds_backend").info("--resume: no checkpoint in %s yet, starting from the beginning", folder)
         return
     identity = Identity(config=request.config.to_dict(), prompt=request.prompt, negative_prompt=request.negative_prompt,
                         model=model_identity(request.model), bundle=request.bundle.digest(),
                         components=request.bundle.num_components, rig=request.rig.identity())
     try:
-        check_resumable(checkpoint_path, identity)
+        load(checkpoint_path, identity, Expected.of(request.config, request.rig), device="cpu")
     except CheckpointError as exc:
         raise InputError(f"--resume: {exc}") from None
 
@@ -87,21 +110,22 @@ def run(args: argparse.Namespace) -> int:
         return code
 
     try:
-        request, outputs, checkpoint_path = check_arguments(args)
+        plan = check_arguments(args)
     except (InputError, BundleError, ValueError) as exc:
         return fail(exits.BAD_INPUT, str(exc))
     except OutputError as exc:
         return fail(exits.OUTPUT, str(exc))
     with exits.StopSignals() as stop:
         try:
-            return _fit(args, request, outputs, checkpoint_path, stop)
+            return _fit(args, plan, stop)
         except KeyboardInterrupt:
-            outputs.discard()
-            print("aborted: nothing was written" + (f" (the last checkpoint stays in {checkpoint_path})"
-                                                    if checkpoint_path.exists() else ""), file=sys.stderr)
+            plan.outputs.discard()
+            kept = plan.checkpoint.parent == plan.outputs.folder and plan.checkpoint.exists()
+            print("aborted: nothing was written" + (f" (the last checkpoint stays in {plan.checkpoint})" if kept else ""),
+                  file=sys.stderr)
             return stop.exit_code
         except BaseException as exc:
-            outputs.discard()
+            plan.outputs.discard()
             return _failure_code(exc, fail)
 
 
@@ -121,13 +145,14 @@ def _failure_code(exc: BaseException, fail) -> int:
     return fail(exits.BUG, f"internal error (a bug): {type(exc).__name__}: {exc}\nthe traceback is in {log}")
 
 
-def _fit(args, request: FitRequest, outputs: OutputSet, checkpoint_path: Path, stop: exits.StopSignals) -> int:
+def _fit(args, plan: Plan, stop: exits.StopSignals) -> int:
     from .device import resolve_device
     from .job import Backend, write_outputs
 
+    request, outputs = plan.request, plan.outputs
     device = resolve_device(args.device)
     progress = _ProgressBar(request.config.total_steps, enabled=not args.quiet and sys.stderr.isatty())
-    job = Backend(device).prepare(request, outputs.direct_path(OUTPUT_FILES["checkpoint"]), resume=args.resume)
+    job = Backend(device).prepare(request, plan.checkpoint, resume=plan.resume)
     result = job.run(on_event=progress.update, should_stop=lambda: stop.requested)
     progress.close()
     write_outputs(outputs, request, result, job.fitter.guidance.model.model_id)

@@ -216,8 +216,13 @@ class Server:
                                    message.get("bundle"), initial_weights=message.get("initial_weights"),
                                    keys=message.get("keys"), bounds=message.get("bounds"),
                                    config=message.get("config") or {}, outputs=message.get("outputs"))
-            job_dir = message.get("job_dir") or str(Path(tempfile.gettempdir()) / "sds-head-jobs" / _safe(job_id))
-            outputs = OutputSet(check_path_text(job_dir, "job_dir"), FIT_FILES, replace=True, what="job_dir").prepare()
+            # a client's folder keeps what it holds; the backend's own folder of a job id is replaced
+            job_dir = message.get("job_dir")
+            own_folder = not job_dir
+            if own_folder:
+                job_dir = str(Path(tempfile.gettempdir()) / "sds-head-jobs" / _safe(job_id))
+            outputs = OutputSet(check_path_text(job_dir, "job_dir"), FIT_FILES, replace=own_folder,
+                                what="job_dir", hint="remove them first").prepare()
             weights = list(request.rig.start)
             with _Heartbeat(lambda seconds: self.send(
                     "progress", id=job_id, iteration=0, total=request.config.total_steps, stage="loading",

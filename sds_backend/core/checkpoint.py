@@ -1,22 +1,30 @@
 """A fit's resumable state, and checkpoints of it that hold only data (tensors + JSON, safetensors).
 
 Nothing in a checkpoint can run code: a safetensors file is a JSON header and raw tensor bytes,
-and loading parses only those (no pickle). Before any of it is used, every field is checked
-against what the resuming fit expects (names, shapes, dtypes, finite values, the same prompt,
-model, bundle and settings): a truncated, foreign or tampered file gets a message naming what is
-wrong. A `checkpoint.pt` from an earlier release (a pickle) is refused without being opened.
+and reading parses only those (no pickle). Before any of it is used, every field is checked
+against what the resuming fit expects: the same prompt, model, bundle, settings and rig, and
+tensors of the right names, shapes and dtypes with values a fit can continue from (finite, the
+weights inside their bounds, optimiser statistics an optimiser can divide by). A truncated,
+foreign or tampered file gets a message naming what is wrong. A `checkpoint.pt` of an earlier
+release (a pickle) is refused without being opened.
 
-`check_resumable` reads only the JSON header (no torch import, milliseconds): the command line
-refuses a checkpoint of another fit before it loads a model; `load` then checks the tensors.
+`read` checks a file with numpy only; `load` reads it so, checks the random generator's state
+with torch, and makes tensors. Both take milliseconds: the command line loads a checkpoint to
+resume before it loads a model.
+
+The optimiser's settings are not saved: a resumed stage makes its optimiser as a new one does and
+takes only its per-parameter statistics (step, exp_avg, exp_avg_sq) from the file.
 
 Layout: metadata "sds_head" is JSON {version, identity (config, prompt, negative_prompt, model,
-bundle, components), stage_index, step, skipped_steps, snapshot_iterations, optimizer groups};
-tensors: weights [K], texture.<i> (the texture levels), generator (CPU generator state),
-losses float64 [N], optimizer.<param>.<name>, snapshot.<n>.weights [K], snapshot.<n>.texture.
+bundle, components, rig), stage_index, step, skipped_steps, texture_levels, snapshot_iterations};
+tensors: weights [K], texture.<i> (the texture levels), generator (CPU generator state), losses
+float64 [N], optimizer.<param>.<step|exp_avg|exp_avg_sq>, snapshot.<n>.weights [K],
+snapshot.<n>.texture.
 """
 from __future__ import annotations
 
 import json
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,6 +32,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..files import InputError, atomic_write, check_input_file, parse_json
+from ..fit_config import FitConfig, texture_level_sides
+from ..inputs import Rig
 
 if TYPE_CHECKING:
     import torch
@@ -31,7 +41,8 @@ if TYPE_CHECKING:
 VERSION = 2
 MAX_BYTES = 1 << 30
 _KEY = "sds_head"
-_OPTIMIZER_KEYS = ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+_OPTIMIZER_KEYS = ("step", "exp_avg", "exp_avg_sq")
+GENERATOR_STATE_BYTES = 5056         # torch's CPU generator (mt19937) state
 
 
 @dataclass
@@ -49,9 +60,9 @@ class FitState:
 
     stage_index: int
     step: int                                   # iterations done in the current stage
-    weights: torch.Tensor                       # [K]
+    weights: torch.Tensor                       # [K]: the fit's coordinates u (see inputs.Rig)
     texture_levels: list[torch.Tensor] | None   # texture parameters once the texture stage started
-    optimizer_state: dict | None                # of the current stage
+    optimizer_state: dict | None                # the current stage's per-parameter statistics
     generator_state: torch.Tensor
     losses: list[float]
     snapshots: list[Snapshot]
@@ -86,6 +97,30 @@ class Identity:
         return None
 
 
+@dataclass(frozen=True)
+class Expected:
+    """What the resuming fit can continue from: its stages, the steps of each, the shapes of its
+    texture levels, and the bounds of its coordinates u."""
+
+    stages: tuple[str, ...]
+    steps: dict[str, int]
+    texture_shapes: tuple[tuple[int, ...], ...]
+    u_low: tuple[float, ...]
+    u_high: tuple[float, ...]
+
+    @classmethod
+    def of(cls, config: FitConfig, rig: Rig) -> "Expected":
+        """What a checkpoint of a fit with this config and rig must hold."""
+        low, high = rig.coordinate_bounds()
+        return cls(stages=config.stages, steps={stage: config.steps_of(stage) for stage in config.stages},
+                   texture_shapes=tuple((1, side, side, 3) for side in texture_level_sides(config)),
+                   u_low=low, u_high=high)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed from; the message names the file and the reason."""
+
+
 def save(path: str | Path, identity: Identity, state: FitState) -> Path:
     """Write atomically: a crash or a full disk never leaves a broken checkpoint behind."""
     import torch
@@ -98,12 +133,9 @@ def save(path: str | Path, identity: Identity, state: FitState) -> Path:
     }
     for index, level in enumerate(state.texture_levels or []):
         tensors[f"texture.{index}"] = level.detach().float().cpu()
-    groups = None
-    if state.optimizer_state is not None:
-        groups = state.optimizer_state["param_groups"]
-        for param, values in state.optimizer_state["state"].items():
-            for name, value in values.items():
-                tensors[f"optimizer.{param}.{name}"] = torch.as_tensor(value).cpu()
+    for param, values in (state.optimizer_state or {}).items():
+        for name in _OPTIMIZER_KEYS:
+            tensors[f"optimizer.{param}.{name}"] = torch.as_tensor(values[name]).float().cpu()
     for index, snapshot in enumerate(state.snapshots):
         tensors[f"snapshot.{index}.weights"] = torch.from_numpy(np.ascontiguousarray(snapshot.weights, np.float32))
         if snapshot.texture is not None:
@@ -115,122 +147,30 @@ def save(path: str | Path, identity: Identity, state: FitState) -> Path:
             "rig": identity.rig},
         "stage_index": state.stage_index, "step": state.step, "skipped_steps": state.skipped_steps,
         "texture_levels": len(state.texture_levels or []),
-        "snapshot_iterations": [s.iteration for s in state.snapshots], "optimizer_groups": groups,
+        "snapshot_iterations": [s.iteration for s in state.snapshots],
     }
     data = to_bytes({k: v.contiguous() for k, v in tensors.items()},
                     metadata={_KEY: json.dumps(header, allow_nan=False)})
     return atomic_write(Path(path), data)
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be resumed from; the message names the file and the reason."""
+@dataclass
+class CheckpointData:
+    """A checked checkpoint as numpy arrays (see `read`)."""
 
-
-def _read(path: Path) -> tuple[bytes, dict]:
-    """The file's bytes and its SDS Head header, checked for version and kind."""
-    if path.suffix == ".pt":
-        raise CheckpointError(f"checkpoint {path}: a pickled checkpoint of an earlier release; it is not opened "
-                              "(loading a pickle can run code). Start the fit again without --resume")
-    try:
-        check_input_file(path, "checkpoint", MAX_BYTES)
-        data = path.read_bytes()
-        header = _metadata(data)
-    except (InputError, OSError, ValueError) as exc:
-        raise CheckpointError(f"checkpoint {path}: not a readable SDS Head checkpoint ({exc})") from None
-    if not isinstance(header, dict) or header.get("version") != VERSION:
-        found = header.get("version") if isinstance(header, dict) else None
-        raise CheckpointError(f"checkpoint {path}: not an SDS Head checkpoint of version {VERSION} "
-                              f"(found version {found!r})")
-    return data, header
-
-
-def check_resumable(path: str | Path, identity: Identity) -> None:
-    """CheckpointError unless `path` is a checkpoint made for `identity` (reads the header only)."""
-    path = Path(path)
-    _, header = _read(path)
-    saved = header.get("identity")
-    mismatch = identity.describe_mismatch(saved) if isinstance(saved, dict) else "it has no identity record"
-    if mismatch:
-        raise CheckpointError(f"checkpoint {path}: {mismatch}")
-
-
-def load(path: str | Path, identity: Identity, stages: tuple[str, ...], steps: dict[str, int],
-         expected_texture: tuple[tuple[int, ...], ...], device: "torch.device") -> FitState:
-    """The state saved in `path`, checked against the fit that resumes it.
-
-    stages/steps: the resuming fit's stages and steps per stage; expected_texture: the shapes of
-    its texture levels.
-    """
-    import torch
-    from safetensors import SafetensorError
-    from safetensors.torch import load as from_bytes
-
-    path = Path(path)
-    check_resumable(path, identity)
-    data, header = _read(path)
-
-    def fail(reason: str) -> CheckpointError:
-        return CheckpointError(f"checkpoint {path}: {reason}")
-
-    try:
-        tensors = from_bytes(data)
-    except (SafetensorError, ValueError, RuntimeError) as exc:
-        raise fail(f"its tensors cannot be read ({type(exc).__name__}: {str(exc)[:200]})") from None
-
-    def integer(name: str, low: int, high: int) -> int:
-        value = header.get(name)
-        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-            raise fail(f"'{name}' must be an integer in [{low}, {high}], got {value!r}")
-        return value
-
-    def tensor(name: str, dtype: torch.dtype, shape: tuple[int, ...] | None = None) -> torch.Tensor:
-        value = tensors.get(name)
-        if value is None:
-            raise fail(f"tensor '{name}' is missing")
-        if value.dtype != dtype or (shape is not None and tuple(value.shape) != tuple(shape)):
-            raise fail(f"tensor '{name}' must be {dtype} {list(shape) if shape else ''}, got {value.dtype} "
-                       f"{list(value.shape)}")
-        if value.is_floating_point() and not bool(torch.isfinite(value).all()) and name != "losses":
-            raise fail(f"tensor '{name}' contains NaN or inf")
-        return value
-
-    stage_index = integer("stage_index", 0, len(stages))
-    current = stages[stage_index] if stage_index < len(stages) else None
-    step = integer("step", 0, steps[current] if current else 0)
-    skipped = integer("skipped_steps", 0, 10 ** 9)
-    level_count = integer("texture_levels", 0, 64)
-    weights = tensor("weights", torch.float32, (identity.components,))
-    generator = tensor("generator", torch.uint8, tuple(torch.Generator().get_state().shape))
-    losses = tensor("losses", torch.float64)
-    if losses.ndim != 1:
-        raise fail("tensor 'losses' must be 1-D")
-    texture_levels = None
-    if level_count:
-        texture_levels = [tensor(f"texture.{i}", torch.float32) for i in range(level_count)]
-        if tuple(tuple(t.shape) for t in texture_levels) != tuple(expected_texture):
-            raise fail("its texture levels do not match this fit's texture size and parametrisation")
-        texture_levels = [t.to(device) for t in texture_levels]
-    param_shapes = [tuple(weights.shape)] if current == "shape" else [tuple(s) for s in expected_texture]
-    optimizer_state = _optimizer_state(header.get("optimizer_groups"), tensors, param_shapes, fail)
-    iterations = header.get("snapshot_iterations")
-    if not isinstance(iterations, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in iterations):
-        raise fail("'snapshot_iterations' must be a list of integers")
-    snapshots = []
-    for index, iteration in enumerate(iterations):
-        snap_weights = tensor(f"snapshot.{index}.weights", torch.float32, (identity.components,))
-        texture = tensors.get(f"snapshot.{index}.texture")
-        if texture is not None and (texture.dtype != torch.uint8 or texture.ndim != 3 or texture.shape[2] != 3):
-            raise fail(f"tensor 'snapshot.{index}.texture' must be uint8 [h, w, 3]")
-        snapshots.append(Snapshot(iteration, snap_weights.numpy(), None if texture is None else texture.numpy()))
-    return FitState(stage_index=stage_index, step=step, weights=weights.to(device), texture_levels=texture_levels,
-                    optimizer_state=optimizer_state, generator_state=generator, losses=losses.tolist(),
-                    snapshots=snapshots, skipped_steps=skipped)
+    stage_index: int
+    step: int
+    skipped_steps: int
+    weights: np.ndarray
+    generator: np.ndarray
+    losses: np.ndarray
+    texture_levels: list[np.ndarray] | None
+    optimizer: dict[int, dict[str, np.ndarray]] | None
+    snapshots: list[Snapshot]
 
 
 def _metadata(data: bytes) -> Any:
     """The JSON of our metadata entry in a safetensors header (parsed with the strict JSON reader)."""
-    import struct
-
     if len(data) < 8:
         raise ValueError("the file is too short for a safetensors header")
     (length,) = struct.unpack_from("<Q", data, 0)
@@ -243,24 +183,96 @@ def _metadata(data: bytes) -> Any:
         raise ValueError(f"no SDS Head metadata ({exc})") from None
 
 
-def _optimizer_state(groups: Any, tensors: dict[str, "torch.Tensor"], param_shapes: list[tuple[int, ...]],
-                     fail) -> dict | None:
-    """The optimizer's state_dict from its JSON param groups and its optimizer.<param>.<name> tensors,
-    checked against the shapes of the parameters it will be loaded for."""
-    import torch
+def read(path: str | Path, identity: Identity, expected: Expected) -> CheckpointData:
+    """The checkpoint at `path`, every field checked against the resuming fit (numpy only)."""
+    path = Path(path)
 
-    if groups is None:
-        return None
-    if not isinstance(groups, list) or not all(isinstance(g, dict) and isinstance(g.get("params"), list)
-                                               for g in groups):
-        raise fail("'optimizer_groups' must be a list of parameter groups")
-    params = [p for g in groups for p in g["params"]]
-    if params != list(range(len(param_shapes))):
-        raise fail(f"its optimizer holds parameters {params!r}; this stage has {len(param_shapes)}")
-    for group in groups:
-        if isinstance(group.get("betas"), list):
-            group["betas"] = tuple(group["betas"])
-    state: dict[int, dict[str, "torch.Tensor"]] = {}
+    def fail(reason: str) -> CheckpointError:
+        return CheckpointError(f"checkpoint {path}: {reason}")
+
+    if path.suffix == ".pt":
+        raise fail("a pickled checkpoint of an earlier release; it is not opened (loading a pickle can run "
+                   "code). Start the fit again without --resume")
+    try:
+        check_input_file(path, "checkpoint", MAX_BYTES)
+        data = path.read_bytes()
+        header = _metadata(data)
+    except (InputError, OSError, ValueError) as exc:
+        raise fail(f"not a readable SDS Head checkpoint ({exc})") from None
+    if not isinstance(header, dict) or header.get("version") != VERSION:
+        found = header.get("version") if isinstance(header, dict) else None
+        raise fail(f"not an SDS Head checkpoint of version {VERSION} (found version {found!r})")
+    saved = header.get("identity")
+    mismatch = identity.describe_mismatch(saved) if isinstance(saved, dict) else "it has no identity record"
+    if mismatch:
+        raise fail(mismatch)
+    from safetensors import SafetensorError
+    from safetensors.numpy import load as from_bytes
+
+    try:
+        tensors = from_bytes(data)
+    except (SafetensorError, ValueError, RuntimeError, TypeError) as exc:
+        raise fail(f"its tensors cannot be read ({type(exc).__name__}: {str(exc)[:200]})") from None
+
+    def integer(name: str, low: int, high: int) -> int:
+        value = header.get(name)
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise fail(f"'{name}' must be an integer in [{low}, {high}], got {value!r}")
+        return value
+
+    def tensor(name: str, dtype, shape: tuple[int, ...] | None = None, finite: bool = True) -> np.ndarray:
+        value = tensors.get(name)
+        if value is None:
+            raise fail(f"tensor '{name}' is missing")
+        if value.dtype != dtype or (shape is not None and tuple(value.shape) != tuple(shape)):
+            raise fail(f"tensor '{name}' must be {np.dtype(dtype)} {list(shape) if shape is not None else ''}, got "
+                       f"{value.dtype} {list(value.shape)}")
+        if finite and value.dtype.kind == "f" and not np.isfinite(value).all():
+            raise fail(f"tensor '{name}' contains NaN or inf")
+        return value
+
+    stages = expected.stages
+    stage_index = integer("stage_index", 0, len(stages))
+    current = stages[stage_index] if stage_index < len(stages) else None
+    step = integer("step", 0, expected.steps[current] if current else 0)
+    skipped = integer("skipped_steps", 0, 10 ** 9)
+    weights = tensor("weights", np.float32, (identity.components,))
+    low, high = np.asarray(expected.u_low, np.float32), np.asarray(expected.u_high, np.float32)
+    if ((weights < low) | (weights > high)).any():
+        raise fail("its weights lie outside the bounds of this fit's components")
+    generator = tensor("generator", np.uint8, (GENERATOR_STATE_BYTES,))
+    losses = tensor("losses", np.float64, finite=False)
+    if losses.ndim != 1:
+        raise fail("tensor 'losses' must be 1-D")
+    level_count = integer("texture_levels", 0, 64)
+    texture_levels = None
+    if level_count:
+        texture_levels = [tensor(f"texture.{i}", np.float32) for i in range(level_count)]
+        if tuple(tuple(t.shape) for t in texture_levels) != tuple(expected.texture_shapes):
+            raise fail("its texture levels do not match this fit's texture size and parametrisation")
+    if current == "shape":
+        param_shapes = [tuple(weights.shape)]
+    else:
+        param_shapes = [tuple(shape) for shape in expected.texture_shapes]
+    optimizer = _optimizer_state(tensors, param_shapes, fail)
+    iterations = header.get("snapshot_iterations")
+    if not isinstance(iterations, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in iterations):
+        raise fail("'snapshot_iterations' must be a list of integers")
+    snapshots = []
+    for index, iteration in enumerate(iterations):
+        snapshot_weights = tensor(f"snapshot.{index}.weights", np.float32, (identity.components,))
+        texture = tensors.get(f"snapshot.{index}.texture")
+        if texture is not None and (texture.dtype != np.uint8 or texture.ndim != 3 or texture.shape[2] != 3):
+            raise fail(f"tensor 'snapshot.{index}.texture' must be uint8 [h, w, 3]")
+        snapshots.append(Snapshot(iteration, snapshot_weights, texture))
+    return CheckpointData(stage_index, step, skipped, weights, generator, losses, texture_levels, optimizer, snapshots)
+
+
+def _optimizer_state(tensors: dict[str, np.ndarray], param_shapes: list[tuple[int, ...]],
+                     fail) -> dict[int, dict[str, np.ndarray]] | None:
+    """The per-parameter statistics optimizer.<param>.<name>, checked against the parameters they are
+    for: all three of each, finite, step a whole count >= 1, exp_avg_sq >= 0."""
+    state: dict[int, dict[str, np.ndarray]] = {}
     for name, value in tensors.items():
         if not name.startswith("optimizer."):
             continue
@@ -268,7 +280,38 @@ def _optimizer_state(groups: Any, tensors: dict[str, "torch.Tensor"], param_shap
         if not param.isdigit() or int(param) >= len(param_shapes) or key not in _OPTIMIZER_KEYS:
             raise fail(f"tensor '{name}' is not optimizer state of this fit")
         expected = () if key == "step" else param_shapes[int(param)]
-        if tuple(value.shape) != expected or not value.is_floating_point() or not bool(torch.isfinite(value).all()):
-            raise fail(f"tensor '{name}' must be finite floats of shape {list(expected)}, got {list(value.shape)}")
+        if tuple(value.shape) != expected or value.dtype != np.float32 or not np.isfinite(value).all():
+            raise fail(f"tensor '{name}' must be finite float32 of shape {list(expected)}, got {value.dtype} "
+                       f"{list(value.shape)}")
+        if key == "step" and not (value >= 1 and float(value).is_integer()):
+            raise fail(f"tensor '{name}' must count steps (a whole number >= 1), got {float(value)}")
+        if key == "exp_avg_sq" and (value < 0).any():
+            raise fail(f"tensor '{name}' must not be negative")
         state.setdefault(int(param), {})[key] = value
-    return {"state": state, "param_groups": groups}
+    if not state:
+        return None
+    incomplete = [param for param in range(len(param_shapes)) if set(state.get(param, {})) != set(_OPTIMIZER_KEYS)]
+    if incomplete:
+        raise fail(f"its optimizer state lacks {', '.join(_OPTIMIZER_KEYS)} for parameter(s) {incomplete}")
+    return state
+
+
+def load(path: str | Path, identity: Identity, expected: Expected, device: "torch.device") -> FitState:
+    """The state saved at `path` (checked by `read`), as tensors on `device`."""
+    import torch
+
+    data = read(path, identity, expected)
+    generator = torch.from_numpy(data.generator.copy())
+    try:
+        torch.Generator().set_state(generator)
+    except RuntimeError as exc:
+        raise CheckpointError(f"checkpoint {path}: its random generator state is not valid ({exc})") from None
+    optimizer = None if data.optimizer is None else {
+        param: {name: torch.from_numpy(value.copy()).to(device) if name != "step" else torch.tensor(float(value))
+                for name, value in values.items()} for param, values in data.optimizer.items()}
+    return FitState(
+        stage_index=data.stage_index, step=data.step, weights=torch.from_numpy(data.weights.copy()).to(device),
+        texture_levels=None if data.texture_levels is None else [torch.from_numpy(t.copy()).to(device)
+                                                                for t in data.texture_levels],
+        optimizer_state=optimizer, generator_state=generator, losses=data.losses.tolist(),
+        snapshots=data.snapshots, skipped_steps=data.skipped_steps)

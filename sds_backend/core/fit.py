@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from ..bundle import Bundle
-from ..fit_config import Background, FitConfig, Stage
+from ..fit_config import Background, FitConfig, Stage, texture_level_sides
 from ..inputs import Rig, check_prompt, make_rig
 from . import checkpoint
 from .checkpoint import FitState, Snapshot
@@ -121,13 +121,9 @@ class Fitter:
         self.rig = rig or make_rig(model.names, weight_clamp=config.weight_clamp)
         if len(self.rig.start) != model.num_components:
             raise ValueError(f"rig: expected {model.num_components} components, got {len(self.rig.start)}")
-        centre, scale, low, high = (torch.tensor(v, dtype=torch.float32, device=self.device)
-                                    for v in (self.rig.centre, self.rig.scale, self.rig.low, self.rig.high))
-        self.centre, self.scale, self.low, self.high = centre, scale, low, high
-        fitted = scale > 0
-        unit = torch.where(fitted, scale, torch.ones_like(scale))
-        self.u_low = torch.where(fitted, (low - centre) / unit, torch.zeros_like(low))     # bounds of u
-        self.u_high = torch.where(fitted, (high - centre) / unit, torch.zeros_like(high))
+        self.centre, self.scale, self.low, self.high, self.u_low, self.u_high = (
+            torch.tensor(v, dtype=torch.float32, device=self.device)
+            for v in (self.rig.centre, self.rig.scale, self.rig.low, self.rig.high, *self.rig.coordinate_bounds()))
         self.faces = self.tensors.faces
         self.topology = prepare_topology(self.faces)
         self.uv = torch.as_tensor(model.uv, device=self.device)
@@ -181,9 +177,8 @@ class Fitter:
     def load_checkpoint(self, path: str | Path, prompt: str, negative_prompt: str = "") -> FitState:
         """The state saved at `path`; checkpoint.CheckpointError unless it was made by this very fit
         (same prompt, model, bundle and settings) and holds well-formed data."""
-        texture = tuple(tuple(level.shape) for level in self._initial_texture_levels())
-        return checkpoint.load(path, self._identity(prompt, negative_prompt), self.config.stages,
-                               {stage: self.config.steps_of(stage) for stage in self.config.stages}, texture, self.device)
+        return checkpoint.load(path, self._identity(prompt, negative_prompt), checkpoint.Expected.of(self.config, self.rig),
+                               self.device)
 
     # -------------------------------------------------------------------------------- run
     def run(self, prompt: str, negative_prompt: str = "", initial_weights=None,
@@ -229,7 +224,7 @@ class Fitter:
                 if iteration % snapshot_every == 0 or iteration == total:
                     state.snapshots.append(Snapshot(iteration, self.reported_weights(state).cpu().numpy().copy(),
                                                     self.texture_image(state, size=128) if stage == "texture" else None))
-                state.optimizer_state = optimizer.state_dict()
+                state.optimizer_state = optimizer.state_dict()["state"]
                 if checkpoint_path and config.checkpoint_every and iteration % config.checkpoint_every == 0:
                     state.generator_state = generator.get_state()
                     checkpoint.save(checkpoint_path, self._identity(prompt, negative_prompt), state)
@@ -263,18 +258,15 @@ class Fitter:
             groups = [{"params": [level], "lr_scale": 0.5 ** (finest - index)}
                       for index, level in enumerate(state.texture_levels)]
             optimizer = torch.optim.AdamW(groups, lr=config.texture_lr, betas=(0.9, 0.99), weight_decay=0.0)
-        if state.optimizer_state is not None:
-            optimizer.load_state_dict(state.optimizer_state)
+        if state.optimizer_state is not None:      # a resumed stage: its statistics, this optimiser's settings
+            optimizer.load_state_dict({"state": state.optimizer_state,
+                                       "param_groups": optimizer.state_dict()["param_groups"]})
         return optimizer
 
     def _initial_texture_levels(self) -> list[torch.Tensor]:
         """Texture parameters (logits) whose sum starts as a uniform mid-grey skin tone."""
-        size = self.config.texture_size
         base = torch.logit(torch.tensor([0.72, 0.56, 0.48], device=self.device))  # light skin albedo
-        if self.config.texture_param == "rgb":
-            return [base.view(1, 1, 1, 3).expand(1, size, size, 3).clone()]
-        sizes = pyramid_sizes(size)
-        levels = [torch.zeros(1, s, s, 3, device=self.device) for s in sizes]
+        levels = [torch.zeros(1, side, side, 3, device=self.device) for side in texture_level_sides(self.config)]
         levels[0] += base
         return levels
 
@@ -375,14 +367,6 @@ def _upsample(level: torch.Tensor, size: int) -> torch.Tensor:
         return level
     return F.interpolate(level.permute(0, 3, 1, 2), size=(size, size), mode="bilinear",
                          align_corners=False).permute(0, 2, 3, 1)
-
-
-def pyramid_sizes(size: int) -> list[int]:
-    """Level sides from size/32 (at least 8) up to size, doubling."""
-    sizes = [size]
-    while sizes[-1] // 2 >= max(8, size // 32):
-        sizes.append(sizes[-1] // 2)
-    return sizes[::-1]
 
 
 def _random_light(batch: int, generator: torch.Generator) -> torch.Tensor:

@@ -127,6 +127,22 @@ def test_headless_refuses_a_folder_with_another_runs_outputs_and_an_existing_sav
     assert blend.read_bytes() == b"the user's scene" and not leftovers(tmp_path)
 
 
+@pytest.mark.parametrize("case,save,expected", [
+    ("a-folder", "a-folder", "is a folder, not a file"),
+    ("no-such-folder", "missing/scene.blend", "the folder {tmp}/missing does not exist"),
+    ("name-too-long", "x" * 300 + ".blend", "the name is too long for the file system"),
+    ("an-output-name", "out/weights.json", "is where the fit writes its weights.json"),
+])
+def test_headless_refuses_a_save_path_it_could_not_write_before_the_fit(run_headless, tmp_path, case, save,
+                                                                        expected):
+    (tmp_path / "a-folder").mkdir()
+    (tmp_path / "a-folder" / "inside.txt").write_text("the user's own")
+    before = snapshot(tmp_path)
+    code, err = run_headless("--prompt", "a head", "--overwrite", "--save", str(tmp_path / save))
+    assert code == 5 and expected.format(tmp=tmp_path) in err and "Traceback" not in err, err
+    assert snapshot(tmp_path) == before and not leftovers(tmp_path)
+
+
 def test_headless_refuses_an_output_path_that_is_a_file(run_headless, tmp_path):
     (tmp_path / "out").write_text("a file where the folder should be")
     code, err = run_headless("--prompt", "a head")

@@ -21,6 +21,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import hostile
@@ -125,6 +126,7 @@ FLAG_CASES = [
     ("config-not-object", ["--config", "[1, 2]"], 3, "expected a JSON object"),
     ("config-not-json", ["--config", "{lr: 1}"], 3, "--config: not valid JSON"),
     ("config-nan", ["--config", '{"lr": NaN}'], 3, "non-finite number NaN"),
+    ("config-key-twice", ["--config", '{"lr": 0.01, "lr": 5}'], 3, "the key 'lr' appears twice"),
     ("config-nested", ["--config", "[" * 100_000 + "]" * 100_000], 3, "nested too deeply"),
     ("flag-overrides-config", ["--config", '{"stages": ["shape"]}', "--stages", "colour"], 3, "config.stages"),
     ("device-gpu", ["--device", "gpu"], 3, "device: expected auto, cpu or cuda[:N]"),
@@ -248,25 +250,143 @@ def test_fit_resume_refuses_crafted_checkpoints(tmp_path, content, expected):
     assert_refused(*run_fit("--prompt", "a head", "--out", str(out), "--resume"), 3, expected, out, before)
 
 
-def test_fit_resume_refuses_the_checkpoint_of_another_prompt(tmp_path):
+def _checkpoint_for(path: Path, prompt: str, tamper=None) -> None:
+    """A checkpoint of the default fit for `prompt` one step in, as `fit --prompt "a head"` would
+    resume it; `tamper(tensors, header)` changes it before it is written."""
     import torch
+    from safetensors.numpy import load, save
 
     from sds_backend import DEFAULT_BUNDLE, bundle, fit_config
     from sds_backend.core import checkpoint
-    from sds_backend.inputs import make_rig
+    from sds_backend.inputs import make_rig, model_identity
 
     head = bundle.load(DEFAULT_BUNDLE)
+    identity = checkpoint.Identity(config=fit_config.FitConfig().to_dict(), prompt=prompt, negative_prompt="",
+                                   model=model_identity(None), bundle=head.digest(), components=head.num_components,
+                                   rig=make_rig(head.names).identity())
+    k = head.num_components
+    state = checkpoint.FitState(stage_index=0, step=1, weights=torch.zeros(k), texture_levels=None,
+                                optimizer_state={0: {"step": torch.tensor(1.0), "exp_avg": torch.zeros(k),
+                                                     "exp_avg_sq": torch.zeros(k)}},
+                                generator_state=torch.Generator().get_state(), losses=[1.0], snapshots=[])
+    checkpoint.save(path, identity, state)
+    if tamper is not None:
+        data = path.read_bytes()
+        header = json.loads(json.loads(data[8:8 + int.from_bytes(data[:8], "little")])["__metadata__"]["sds_head"])
+        tensors = load(data)
+        tamper(tensors, header)
+        path.write_bytes(save(tensors, metadata={"sds_head": json.dumps(header)}))
+
+
+def _set(name, value):
+    def tamper(tensors, header):
+        tensors[name] = value
+    return tamper
+
+
+def _header(name, value):
+    def tamper(tensors, header):
+        header[name] = value
+    return tamper
+
+
+def _drop(name):
+    def tamper(tensors, header):
+        del tensors[name]
+    return tamper
+
+
+K = 50      # the default head's components
+TAMPERED = [
+    ("weights-1e30", _set("weights", np.full(K, 1e30, np.float32)), "weights lie outside the bounds"),
+    ("weights-nan", _set("weights", np.full(K, np.nan, np.float32)), "'weights' contains NaN or inf"),
+    ("weights-count", _set("weights", np.zeros(3, np.float32)), "tensor 'weights' must be float32 [50]"),
+    ("weights-float64", _set("weights", np.zeros(K, np.float64)), "tensor 'weights' must be float32"),
+    ("generator-garbage", _set("generator", np.random.default_rng(0).integers(0, 256, 5056, dtype=np.uint8)),
+     "random generator state is not valid"),
+    ("generator-short", _set("generator", np.zeros(16, np.uint8)), "tensor 'generator' must be uint8 [5056]"),
+    ("optimizer-step-negative", _set("optimizer.0.step", np.array(-1, np.float32)), "must count steps"),
+    ("optimizer-step-fraction", _set("optimizer.0.step", np.array(1.5, np.float32)), "must count steps"),
+    ("optimizer-sq-negative", _set("optimizer.0.exp_avg_sq", np.full(K, -1, np.float32)), "must not be negative"),
+    ("optimizer-inf", _set("optimizer.0.exp_avg", np.full(K, np.inf, np.float32)), "must be finite float32"),
+    ("optimizer-incomplete", _drop("optimizer.0.exp_avg_sq"), "lacks step, exp_avg, exp_avg_sq for parameter(s) [0]"),
+    ("optimizer-foreign", _set("optimizer.7.step", np.array(1, np.float32)), "is not optimizer state of this fit"),
+    ("step-past-stage", _header("step", 10 ** 6), "'step' must be an integer in [0, "),
+    ("stage-past-end", _header("stage_index", 9), "'stage_index' must be an integer in [0, 1]"),
+    ("step-text", _header("step", "1"), "'step' must be an integer"),
+    ("texture-levels-unasked", _header("texture_levels", 1), "tensor 'texture.0' is missing"),
+    ("snapshots-not-integers", _header("snapshot_iterations", [1.5]), "'snapshot_iterations' must be a list"),
+    ("snapshot-missing", _header("snapshot_iterations", [3]), "tensor 'snapshot.0.weights' is missing"),
+    ("losses-2d", _set("losses", np.zeros((2, 2))), "'losses' must be 1-D"),
+    ("weights-missing", _drop("weights"), "tensor 'weights' is missing"),
+]
+
+
+@pytest.mark.parametrize("case,tamper,expected", TAMPERED, ids=[case[0] for case in TAMPERED])
+def test_fit_resume_refuses_a_tampered_checkpoint_before_loading_a_model(tmp_path, case, tamper, expected):
     out, _ = user_folder(tmp_path)
-    identity = checkpoint.Identity(config=fit_config.FitConfig().to_dict(), prompt="a pirate", negative_prompt="",
-                                   model="stable-diffusion-v1-5/stable-diffusion-v1-5", bundle=head.digest(),
-                                   components=head.num_components, rig=make_rig(head.names).identity())
-    state = checkpoint.FitState(stage_index=0, step=1, weights=torch.zeros(head.num_components), texture_levels=None,
-                                optimizer_state=None, generator_state=torch.Generator().get_state(), losses=[1.0],
-                                snapshots=[])
-    checkpoint.save(out / "checkpoint.safetensors", identity, state)
+    _checkpoint_for(out / "checkpoint.safetensors", "a head", tamper)
+    before = snapshot(out)
+    started = time.monotonic()
+    code, err = run_fit("--prompt", "a head", "--out", str(out), "--resume")
+    assert_refused(code, err, 3, expected, out, before)
+    assert time.monotonic() - started < 5, "the checkpoint is checked before any heavy work"
+
+
+def test_fit_resume_accepts_the_untampered_checkpoint(tmp_path):
+    """The control of the cases above: the same checkpoint as written passes every check."""
+    from sds_backend import DEFAULT_BUNDLE, bundle, fit_config
+    from sds_backend.app.fit_command import check_resumable
+    from sds_backend.app.request import make_request
+
+    _checkpoint_for(tmp_path / "checkpoint.safetensors", "a head")
+    request = make_request("a head", "", None, str(DEFAULT_BUNDLE), config=fit_config.FitConfig())
+    assert bundle.load(DEFAULT_BUNDLE).num_components == K
+    check_resumable(tmp_path, tmp_path / "checkpoint.safetensors", request, [])
+
+
+def test_fit_resume_refuses_the_checkpoint_of_another_prompt(tmp_path):
+    out, _ = user_folder(tmp_path)
+    _checkpoint_for(out / "checkpoint.safetensors", "a pirate")
     before = snapshot(out)
     assert_refused(*run_fit("--prompt", "a head", "--out", str(out), "--resume"), 3,
                    "it was made for prompt 'a pirate', not 'a head'", out, before)
+
+
+def test_fit_resume_refuses_a_folder_of_outputs_without_their_checkpoint(tmp_path):
+    out, _ = user_folder(tmp_path)
+    (out / "weights.json").write_text('{"a": 1}')
+    before = snapshot(out)
+    assert_refused(*run_fit("--prompt", "a head", "--out", str(out), "--resume"), 3,
+                   "holds the outputs of another run (weights.json) but no checkpoint.safetensors", out, before)
+
+
+def test_fit_overwrite_refuses_an_output_name_taken_by_a_folder(tmp_path):
+    out, _ = user_folder(tmp_path)
+    (out / "head.glb").mkdir()
+    (out / "head.glb" / "inside.txt").write_text("the user's own")
+    before = snapshot(out)
+    assert_refused(*run_fit("--prompt", "a head", "--out", str(out), "--overwrite"), 5,
+                   "head.glb is a folder, not an earlier output", out, before)
+
+
+def test_fit_refuses_a_folder_another_run_is_writing_into(tmp_path):
+    import fcntl
+
+    out, before = user_folder(tmp_path)
+    lock = os.open(out, os.O_RDONLY)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert_refused(*run_fit("--prompt", "a head", "--out", str(out)), 5,
+                       "another run is writing into", out, before)
+    finally:
+        os.close(lock)
+
+
+def test_fit_refuses_names_too_long_for_the_file_system(tmp_path):
+    out, before = user_folder(tmp_path)
+    assert_refused(*run_fit("--prompt", "a head", "--out", str(out / ("x" * 300))), 5,
+                   "the name is too long for the file system", out, before)
 
 
 def test_fit_refuses_an_output_path_that_is_a_file_or_lies_under_one(tmp_path):
@@ -377,6 +497,8 @@ def _server_cases(files: Path, disks_available: dict) -> list[tuple[str, dict, s
     cases += [(f"bundle:{case}", {"bundle": str(path)}, "bundle_error", expected)
               for case, path, expected in hostile.bundle_cases(files / "bundles")]
     (files / "a-file").write_text("not a folder")
+    (files / "earlier-job").mkdir(exist_ok=True)
+    (files / "earlier-job" / "weights.json").write_text('{"the": "client\'s earlier fit"}')
     cases += [
         ("prompt-surrogate", {"prompt": "a \ud800 head"}, "bad_request", "lone UTF-16 surrogate"),
         ("negative-surrogate", {"negative_prompt": "\udfff"}, "bad_request", "negative_prompt"),
@@ -396,6 +518,9 @@ def _server_cases(files: Path, disks_available: dict) -> list[tuple[str, dict, s
         ("model-surrogate", {"model": "./\ud800"}, "model_error", "lone UTF-16 surrogate"),
         ("job-dir-a-file", {"job_dir": str(files / "a-file")}, "output_error", "is not a folder"),
         ("job-dir-under-a-file", {"job_dir": str(files / "a-file" / "job")}, "output_error", "cannot write"),
+        ("job-dir-holds-outputs", {"job_dir": str(files / "earlier-job")}, "output_error",
+         "already holds the outputs of another run (weights.json); remove them first"),
+        ("job-dir-name-too-long", {"job_dir": str(files / ("x" * 300))}, "output_error", "name is too long"),
         ("job-dir-nul", {"job_dir": "/tmp/a\u0000b"}, "bad_request", "NUL character"),
         ("job-dir-surrogate", {"job_dir": "/tmp/\ud800"}, "bad_request", "not valid text"),
     ]
@@ -429,6 +554,7 @@ def test_serve_answers_every_hostile_request_and_keeps_serving(server, files, tm
         assert server.proc.poll() is None, case
         assert snapshot(job_dir) == before and not leftovers(job_dir), case
     assert not (files / "bundles" / "PICKLE_RAN").exists()
+    assert (files / "earlier-job" / "weights.json").read_text() == '{"the": "client\'s earlier fit"}'
     assert len(cases) >= 150
     # and it still fits
     server.send("fit", id="after", prompt="a man", model=str(tiny_sd_dir), config=FAST, job_dir=str(job_dir),
