@@ -228,6 +228,13 @@ class SDSHEAD_OT_set_key_role(OperatorBase, bpy.types.Operator):
     def poll(cls, context):
         return poll_head_with_keys(context)
 
+    @classmethod
+    def description(cls, context, properties):
+        label, meaning = ({item[0]: item[i] for item in ROLE_ITEMS} for i in (1, 2))
+        current = roles.role_of(context.active_object, properties.key) if poll_head_with_keys(context) else ""
+        return (f"{properties.key} is {label.get(current, 'not a key of this head')}. "
+                f"Click to make it {label[properties.role]}: {meaning[properties.role]}")
+
     def run(self, context):
         obj = context.active_object
         if self.key not in obj.data.shape_keys.key_blocks:

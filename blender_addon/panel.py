@@ -117,14 +117,15 @@ class SDSHEAD_UL_keys(bpy.types.UIList):
     def draw_item(self, context, layout, data, item, icon, active_data, active_property, index=0, flt_flag=0):
         obj = context.active_object
         role = roles.role_of(obj, item.name)
-        row = layout.row(align=True)
-        row.label(text=item.name, icon=ROLE_ICONS[role])
+        split = layout.split(factor=0.5)      # rig key names are long: half a narrow sidebar is theirs
+        split.label(text=item.name)
+        row = split.row(align=True)
         row.prop(item, "value", text="", emboss=role != "off")
-        buttons = row.row(align=True)
-        buttons.enabled = not CONTROLLER.busy
-        for choice in roles.ROLES:
-            op = buttons.operator("sdshead.set_key_role", text="", icon=ROLE_ICONS[choice], depress=choice == role)
-            op.key, op.role = item.name, choice
+        button = row.row(align=True)
+        button.enabled = not CONTROLLER.busy
+        # one button per key: it shows the role and a click moves to the next (fit, locked, off)
+        op = button.operator("sdshead.set_key_role", text="", icon=ROLE_ICONS[role])
+        op.key, op.role = item.name, roles.ROLES[(roles.ROLES.index(role) + 1) % len(roles.ROLES)]
 
     def filter_items(self, context, data, propname):
         blocks = getattr(data, propname)

@@ -1,7 +1,7 @@
 """Screenshot of the SDS Head panel during a real fit, in a real Blender window (docs/panel.png).
 
-    xvfb-run -a -s "-screen 0 1600x900x24" blender --enable-event-simulate --factory-startup \\
-        -P tests/addon/screenshot_panel.py -- --out docs/panel.png --model TINY_SD_DIR [--python .venv/bin/python]
+    xvfb-run -a -s "-screen 0 1500x1150x24" blender --enable-event-simulate --factory-startup \\
+        -P tests/addon/screenshot_panel.py -- --out docs/panel.png --model TINY_SD_DIR [--lock "*ear*"]
 
 In UI mode bpy.app.timers fire, so this script only schedules steps: set up the scene, open the
 sidebar on the "SDS Head" tab (Ctrl+wheel over the sidebar, simulated: Blender 3.4 has no API for
@@ -35,6 +35,8 @@ parser.add_argument("--tabs", type=int, default=3,
                     help="Ctrl+wheel steps from the first sidebar tab to ours; 0: show ours in the first tab")
 parser.add_argument("--shape-only", action="store_true", help="no texture stage")
 parser.add_argument("--steps", type=int, default=60, help="iterations per stage")
+parser.add_argument("--widen", type=int, default=0, help="pixels to widen the sidebar by (needs simulated events)")
+parser.add_argument("--lock", default="", help="lock the shape keys matching this glob (the list shows the roles)")
 args = parser.parse_args(argv)
 bpy.context.preferences.view.show_splash = False  # before Blender opens the splash, after this script
 
@@ -72,6 +74,11 @@ def setup() -> None:
             bpy.data.objects.remove(obj)
         bpy.ops.sdshead.create_head()
         head = bpy.context.active_object
+        if args.lock:
+            from blender_addon import roles
+
+            names = [kb.name for kb in head.data.shape_keys.key_blocks[1:]]
+            roles.set_roles(head, roles.matching(names, [args.lock]), "locked")
         space = area.spaces.active
         space.show_region_ui = True
         space.shading.type = "SOLID"
@@ -104,6 +111,21 @@ def switch_tab() -> None:
         window.event_simulate(type="WHEELDOWNMOUSE", value="PRESS", x=x, y=y, ctrl=True)
 
 
+def widen(phase: str) -> None:
+    """Drag the sidebar's left edge, as a user does to read long key names (one phase per timer tick,
+    so that Blender sees the press on its edge before the drag)."""
+    window, area, region, sidebar = view3d()
+    edge, y = sidebar.x + 2, sidebar.y + sidebar.height // 3
+    if phase == "press":
+        window.event_simulate(type="MOUSEMOVE", value="NOTHING", x=edge, y=y)
+        window.event_simulate(type="LEFTMOUSE", value="PRESS", x=edge, y=y)
+    elif phase == "drag":
+        for step in range(1, 11):
+            window.event_simulate(type="MOUSEMOVE", value="NOTHING", x=edge - args.widen * step // 10, y=y)
+    else:
+        window.event_simulate(type="LEFTMOUSE", value="RELEASE", x=edge - args.widen, y=y)
+
+
 def start_fit() -> None:
     window, area, region, sidebar = view3d()
     with bpy.context.temp_override(window=window, area=area, region=sidebar):
@@ -129,8 +151,12 @@ def step():
         return 1.0
     if phase == "tab":
         switch_tab()
-        state["step"] = "fit"
+        state["step"] = "widen-press" if args.widen else "fit"
         return 1.0
+    if phase.startswith("widen-"):
+        widen(phase[len("widen-"):])
+        state["step"] = {"widen-press": "widen-drag", "widen-drag": "widen-release"}.get(phase, "fit")
+        return 0.3
     if phase == "fit":
         start_fit()
         state["step"] = "wait"

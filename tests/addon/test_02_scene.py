@@ -347,3 +347,22 @@ def test_default_roles_leave_a_rigs_expressions_muted_and_driven_keys_alone(addo
     with pytest.raises(ValueError, match="matches none"):
         roles.with_patterns(roles.roles(obj), keys=["zz*"], lock=None)
 
+
+
+def test_a_keys_role_button_names_its_role_and_the_next_one(addon):
+    from types import SimpleNamespace
+
+    from blender_addon import roles
+    from blender_addon.operators import SDSHEAD_OT_set_key_role
+
+    bpy.ops.mesh.primitive_monkey_add()
+    obj = bpy.context.active_object
+    obj.shape_key_add(name="Basis")
+    obj.shape_key_add(name="nose_width", from_mix=False)
+    tip = SDSHEAD_OT_set_key_role.description(bpy.context, SimpleNamespace(key="nose_width", role="locked"))
+    assert tip.startswith("nose_width is Fit. Click to make it Locked: The key keeps its value"), tip
+    assert bpy.ops.sdshead.set_key_role(key="nose_width", role="locked") == {"FINISHED"}
+    assert roles.roles(obj) == {"nose_width": "locked"}
+    with pytest.raises(RuntimeError, match="has no shape key 'nobody'"):
+        bpy.ops.sdshead.set_key_role(key="nobody", role="off")
+    assert roles.roles(obj) == {"nose_width": "locked"}
