@@ -110,6 +110,7 @@ class FitRequest:
     prompt: str
     negative_prompt: str = ""
     model: str | None = None
+    vae_model: str | None = None                      # the tiny VAE of config vae "tiny"
     bundle: str | None = None
     initial_weights: list[float] | None = None
     keys: list[str] | None = None                     # the components to move; the others keep their values
@@ -351,7 +352,8 @@ class Backend:
             self.start()
         job_id = uuid.uuid4().hex[:12]
         self._send("fit", id=job_id, prompt=request.prompt, negative_prompt=request.negative_prompt,
-                   model=request.model, bundle=request.bundle, initial_weights=request.initial_weights,
+                   model=request.model, vae_model=request.vae_model, bundle=request.bundle,
+                   initial_weights=request.initial_weights,
                    keys=request.keys, bounds=request.bounds, config=dict(request.config), job_dir=request.job_dir,
                    outputs=list(request.outputs))
         self.job_id = job_id

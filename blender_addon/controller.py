@@ -30,6 +30,7 @@ class FitInputs:
     prompt: str
     negative_prompt: str = ""
     model: str = ""                 # hub id or local folder; '' = the backend's default
+    vae_model: str = ""             # the tiny VAE of config vae "tiny"; '' = the backend's default
     config: dict = field(default_factory=dict)   # FitConfig fields that were set; the rest keep FitConfig's defaults
     roles: dict | None = None       # key -> fit / locked / off for this fit; None: the object's (roles.roles)
 
@@ -43,9 +44,14 @@ def check_fit_inputs(inputs: FitInputs):
     try:
         checks.check_prompt(inputs.prompt, inputs.negative_prompt)
         checks.check_model_source(inputs.model)
-        return fit_config.FitConfig.from_dict(inputs.config)
+        checks.check_model_source(inputs.vae_model, "vae_model")
+        config = fit_config.FitConfig.from_dict(inputs.config)
     except ValueError as exc:
         raise UserError(str(exc)) from None
+    if inputs.vae_model.strip() and config.vae != "tiny":
+        raise UserError(f"vae_model: {inputs.vae_model.strip()!r} is a tiny VAE, and the VAE is {config.vae!r}; "
+                        "choose the Tiny VAE (--vae tiny) to encode with it")
+    return config
 
 
 FAILURE_TITLES = {
@@ -196,7 +202,8 @@ class FitController:
         backend = self.ensure_backend(settings)
         request = bridge.FitRequest(
             prompt=inputs.prompt.strip(), negative_prompt=inputs.negative_prompt.strip(),
-            model=inputs.model.strip() or None, bundle=str(bundle_path), initial_weights=initial,
+            model=inputs.model.strip() or None, vae_model=inputs.vae_model.strip() or None,
+            bundle=str(bundle_path), initial_weights=initial,
             keys=plan.fit, bounds=plan.bounds, config=dict(inputs.config), job_dir=str(job_dir))
         try:
             job_id = backend.submit(request)

@@ -54,6 +54,9 @@ def parse_args(argv: list[str], fit_config) -> argparse.Namespace:
     parser.add_argument("--negative", default="", help="negative prompt")
     parser.add_argument("--out", required=True, type=Path, help="output folder (created)")
     parser.add_argument("--model", default=None, help="hub id or local folder (default: the add-on preference)")
+    parser.add_argument("--vae-model", default=None,
+                        help="with --vae tiny: the AutoencoderTiny, hub id or local folder (default: the add-on's "
+                             "Tiny VAE preference, else madebyollin/taesd)")
     parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default=None)
     parser.add_argument("--backend-python", default=None, help="backend interpreter (default: the add-on preference)")
     parser.add_argument("--object", default=None, help="name of the head object to fit")
@@ -153,6 +156,7 @@ def write_outputs(args, obj, status, inputs, outputs, addon: Addon) -> None:
         {name: round(float(w), 6) for name, w in zip(names, weights)}, indent=2) + "\n").encode())
     record = {
         "prompt": inputs.prompt, "negative_prompt": inputs.negative_prompt, "model": inputs.model or None,
+        "vae_model": inputs.vae_model or None,
         "config": inputs.config, "object": obj.name, "weights": dict(zip(names, weights)), "roles": inputs.roles,
         "state": status.state, "stopped": status.state == "stopped", "iterations": status.iterations_done,
         "seconds": status.seconds, "blender": bpy.app.version_string,
@@ -200,9 +204,11 @@ def run(argv: list[str], addon: Addon) -> int:
             config = addon.fit_config.flag_values(args)
         except ValueError as exc:
             raise UserError(str(exc)) from None
+        vae_model = args.vae_model if args.vae_model is not None else (
+            prefs.tiny_vae if config.get("vae") == "tiny" else "")
         inputs = addon.controller.FitInputs(prompt=args.prompt, negative_prompt=args.negative,
                                             model=args.model if args.model is not None else prefs.model,
-                                            config=config)
+                                            vae_model=vae_model, config=config)
         addon.controller.check_fit_inputs(inputs)
         obj = pick_head(args, addon)
         addon.scene.check_head(obj)

@@ -151,7 +151,7 @@ class SDSHEAD_OT_fit(OperatorBase, bpy.types.Operator):
 
     def run(self, context):
         prefs = preferences.get_preferences(context)
-        inputs = properties.fit_inputs(context.scene.sdshead, prefs.model)
+        inputs = properties.fit_inputs(context.scene.sdshead, prefs.model, prefs.tiny_vae)
         settings = preferences.backend_settings(prefs)
         CONTROLLER.start_fit(context.active_object, inputs, settings)
         if not bpy.app.background:

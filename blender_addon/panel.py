@@ -181,6 +181,7 @@ class SDSHEAD_PT_advanced(bpy.types.Panel):
         layout.use_property_split = True
         column = layout.column()
         column.enabled = not CONTROLLER.busy
+        column.prop(settings, "vae")
         for name in ("texture_lr", "weight_clamp", "render_size", "texture_size", "event_every", "texture_every"):
             column.prop(settings, name)
         self.layout.operator("sdshead.stop_backend", icon="CANCEL")

@@ -1,4 +1,4 @@
-"""Add-on preferences: which backend Python runs the fit, which model, which device."""
+"""Add-on preferences: which backend Python runs the fit, which model (and tiny VAE), which device."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -22,6 +22,10 @@ class SDSHEAD_AP_preferences(bpy.types.AddonPreferences):
         name="Model", default="",
         description="Stable Diffusion hub id (e.g. stable-diffusion-v1-5/stable-diffusion-v1-5) or local folder; "
                     "empty = the backend's default")
+    tiny_vae: StringProperty(
+        name="Tiny VAE", default="",
+        description="AutoencoderTiny hub id or local folder used when a fit's VAE is Tiny; "
+                    "empty = the backend's default (madebyollin/taesd)")
     device: EnumProperty(
         name="Device", default="auto",
         items=[("auto", "Auto", "CUDA when available, else CPU"), ("cuda", "CUDA", "NVIDIA GPU"),
@@ -34,6 +38,7 @@ class SDSHEAD_AP_preferences(bpy.types.AddonPreferences):
         layout = self.layout
         layout.prop(self, "backend_python")
         layout.prop(self, "model")
+        layout.prop(self, "tiny_vae")
         row = layout.row()
         row.prop(self, "device")
         row.prop(self, "timeout")
@@ -55,6 +60,7 @@ class DefaultPreferences:
 
     backend_python: str = paths.default_backend_python()
     model: str = ""
+    tiny_vae: str = ""
     device: str = "auto"
     timeout: int = 300
 

@@ -17,11 +17,18 @@ from .files import InputError, check_path_text
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 MODEL_ENV = "SDS_HEAD_MODEL"
+DEFAULT_TINY_VAE = "madebyollin/taesd"      # TAESD: SD 1.x and 2.x share its latent space
+TINY_VAE_ENV = "SDS_HEAD_TINY_VAE"
 MAX_PROMPT_CHARS = 2000
 MAX_WEIGHT = 1000.0          # |initial weight|; the fit then clamps to its weight_clamp
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 MODEL_FOLDER_HINT = ("give a local diffusers Stable Diffusion folder (model_index.json, unet/, vae/, ...) or a hub "
                      "id such as 'stable-diffusion-v1-5/stable-diffusion-v1-5'")
+TINY_VAE_FOLDER_HINT = ("give a local diffusers AutoencoderTiny folder (config.json and its weights) or a hub id "
+                        f"such as '{DEFAULT_TINY_VAE}'")
+# what a folder of each kind of model source must hold, and what to do instead
+_SOURCES = {"model": ("model_index.json", "a diffusers pipeline folder", MODEL_FOLDER_HINT),
+            "vae_model": ("config.json", "a diffusers model folder", TINY_VAE_FOLDER_HINT)}
 
 
 class ModelSourceError(InputError):
@@ -57,30 +64,36 @@ def looks_like_path(model: str) -> bool:
             or os.path.isdir(model) or "\\" in model or not HUB_ID.fullmatch(model))
 
 
-def check_model_source(model: Any) -> str | None:
-    """None (the default model), a hub id, or a folder that exists and holds model_index.json."""
+def check_model_source(model: Any, what: str = "model") -> str | None:
+    """None (the default), a hub id, or a folder that exists and holds what a model of its kind
+    needs: `what` is "model" (a Stable Diffusion pipeline) or "vae_model" (an AutoencoderTiny)."""
+    marker, kind, hint = _SOURCES[what]
     if model is None or (isinstance(model, str) and not model.strip()):
         return None
     try:
-        model = check_text(model, "model", 4096).strip()
+        model = check_text(model, what, 4096).strip()
         if not looks_like_path(model):
             return model
-        check_path_text(model, "model")
+        check_path_text(model, what)
     except InputError as exc:
         raise ModelSourceError(str(exc)) from None
     folder = os.path.expanduser(model)
     if not os.path.isdir(folder):
-        what = "not a folder" if os.path.exists(folder) else "not found"
-        raise ModelSourceError(f"model: folder {folder} {what}; {MODEL_FOLDER_HINT}")
-    if not os.path.isfile(os.path.join(folder, "model_index.json")):
-        raise ModelSourceError(f"model: folder {folder} has no model_index.json, so it is not a diffusers pipeline "
-                         f"folder; {MODEL_FOLDER_HINT}")
+        state = "not a folder" if os.path.exists(folder) else "not found"
+        raise ModelSourceError(f"{what}: folder {folder} {state}; {hint}")
+    if not os.path.isfile(os.path.join(folder, marker)):
+        raise ModelSourceError(f"{what}: folder {folder} has no {marker}, so it is not {kind}; {hint}")
     return model
 
 
 def default_model_id() -> str:
     """$SDS_HEAD_MODEL if set, else the SD 1.5 mirror."""
     return os.environ.get(MODEL_ENV) or DEFAULT_MODEL
+
+
+def default_tiny_vae_id() -> str:
+    """$SDS_HEAD_TINY_VAE if set, else TAESD."""
+    return os.environ.get(TINY_VAE_ENV) or DEFAULT_TINY_VAE
 
 
 def model_identity(model: str | None) -> str:

@@ -5,13 +5,14 @@ the add-on's bridge imports the very same file. One JSON object per line, UTF-8,
 "v" (protocol version) and "type". stdout of the backend carries protocol lines only.
 
 Client -> backend
-    fit       id, prompt, [negative_prompt], [model], [bundle], [initial_weights], [keys], [bounds],
-              [config], [job_dir], [outputs]
+    fit       id, prompt, [negative_prompt], [model], [vae_model], [bundle], [initial_weights], [keys],
+              [bounds], [config], [job_dir], [outputs]
                                         keys: the components to fit (default all; the others keep their
                                         initial weights); bounds: name -> [low, high] of a component (a
                                         rig's slider range: the prior is centred on its initial weight
                                         and scaled to its range; default +-config.weight_clamp, prior
-                                        centred on 0); outputs: subset of OUTPUT_NAMES (default: all);
+                                        centred on 0); vae_model: the AutoencoderTiny of config.vae
+                                        "tiny" (default TAESD); outputs: subset of OUTPUT_NAMES (default: all);
                                         job_dir: a folder for the outputs that holds none yet (another
                                         fit's outputs there are an output_error, never replaced); by
                                         default a folder of the backend's own under the temp folder
@@ -126,6 +127,7 @@ SCHEMAS: dict[str, dict[str, Field]] = {
         "prompt": (_is_str, True, "a string"),
         "negative_prompt": (_is_opt_str, False, "a string or null"),
         "model": (_is_opt_str, False, "a hub id or folder path, or null for the default"),
+        "vae_model": (_is_opt_str, False, "a hub id or folder path of a tiny VAE, or null for the default"),
         "bundle": (_is_opt_str, False, "a path to a .npz or .glb bundle, or null for the default head"),
         "initial_weights": (_is_opt_number_list, False, "a list of finite numbers or null"),
         "keys": (_is_opt_str_list, False, "a list of component names to fit (the others stay at their "

@@ -32,6 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, type=Path, help="output folder (created)")
     parser.add_argument("--model", default=None,
                         help="Stable Diffusion hub id or local folder (default: $SDS_HEAD_MODEL or SD 1.5)")
+    parser.add_argument("--vae-model", default=None,
+                        help="with --vae tiny: the AutoencoderTiny, hub id or local folder "
+                             "(default: $SDS_HEAD_TINY_VAE or madebyollin/taesd)")
     parser.add_argument("--bundle", default=None,
                         help="morphable model .npz, or .glb with morph targets (default: assets/default_head.npz)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
@@ -62,7 +65,8 @@ def check_arguments(args: argparse.Namespace) -> Plan:
         weights_json = parse_json(read_input_file(args.initial_weights, "--initial-weights", 1 << 20),
                                   f"--initial-weights {args.initial_weights}")
     request = make_request(args.prompt, args.negative, args.model, args.bundle, weights_json=weights_json,
-                           config=fit_config.from_flags(args), export_expressions=args.expressions)
+                           config=fit_config.from_flags(args), export_expressions=args.expressions,
+                           vae_model=args.vae_model)
     outputs = OutputSet(args.out, FIT_FILES, what="--out",
                         hint="pass --overwrite to replace them, --resume to continue that fit")
     existing = outputs.existing_outputs()
@@ -95,7 +99,8 @@ def check_resumable(folder: Path, checkpoint_path: Path, request: FitRequest, ex
         return
     identity = Identity(config=request.config.to_dict(), prompt=request.prompt, negative_prompt=request.negative_prompt,
                         model=model_identity(request.model), bundle=request.bundle.digest(),
-                        components=request.bundle.num_components, rig=request.rig.identity())
+                        components=request.bundle.num_components, rig=request.rig.identity(),
+                        tiny_vae=request.tiny_vae)
     try:
         load(checkpoint_path, identity, Expected.of(request.config, request.rig), device="cpu")
     except CheckpointError as exc:

@@ -36,21 +36,23 @@ class JobResult:
 class Backend:
     """The loaded diffusion model for one device, reused across jobs."""
 
-    def __init__(self, device: torch.device, models: dict[str, DiffusionModel] | None = None):
+    def __init__(self, device: torch.device, models: dict[tuple[str, str | None], DiffusionModel] | None = None):
         self.device = device
-        self._models: dict[str, DiffusionModel] = dict(models or {})
+        self._models: dict[tuple[str, str | None], DiffusionModel] = dict(models or {})
 
-    def diffusion_model(self, model: str | None) -> DiffusionModel:
-        """Load (once) the diffusion model; raises guidance.ModelLoadError with advice."""
-        model = model or default_model_id()
-        if model not in self._models:
+    def diffusion_model(self, model: str | None, tiny_vae: str | None = None) -> DiffusionModel:
+        """Load (once) the diffusion model, with the tiny VAE `tiny_vae` instead of its own one;
+        raises guidance.ModelLoadError with advice."""
+        key = (model or default_model_id(), tiny_vae)
+        if key not in self._models:
             # one model at a time: drop the previous one first so two never share the accelerator
             self._models.clear()
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
-            log.info("loading diffusion model %s on %s", model, self.device)
-            self._models[model] = load_model(model, resolve_dtype("auto", self.device), self.device)
-        return self._models[model]
+            log.info("loading diffusion model %s%s on %s", key[0], f" with tiny VAE {tiny_vae}" if tiny_vae else "",
+                     self.device)
+            self._models[key] = load_model(key[0], resolve_dtype("auto", self.device), self.device, tiny_vae=tiny_vae)
+        return self._models[key]
 
     def prepare(self, request: FitRequest, checkpoint_path: Path | None = None, resume: bool = False) -> "PreparedJob":
         """Load the model the request needs and, with `resume`, the state saved at checkpoint_path.
@@ -58,12 +60,12 @@ class Backend:
         Raises guidance.ModelLoadError, or checkpoint.CheckpointError for a checkpoint that cannot be
         resumed from.
         """
-        diffusion = self.diffusion_model(request.model)
+        diffusion = self.diffusion_model(request.model, request.tiny_vae)
         unet_parameters = sum(p.numel() for p in diffusion.unet.parameters())
         if self.device.type == "cpu" and unet_parameters > 100_000_000:
             log.warning("running a %.0fM-parameter UNet on the CPU: expect tens of seconds per iteration "
                         "(a CUDA GPU is the intended target)", unet_parameters / 1e6)
-        guidance = StableDiffusionGuidance(diffusion, GuidanceConfig(model=diffusion.model_id,
+        guidance = StableDiffusionGuidance(diffusion, GuidanceConfig(model=diffusion.model_id, tiny_vae=diffusion.tiny_vae,
                                                                      compile=request.config.compile))
         fitter = Fitter(request.bundle, guidance, request.config, self.device, rig=request.rig)
         state = None
@@ -114,6 +116,7 @@ def write_outputs(outputs: OutputSet, request: FitRequest, result: FitResult, mo
     if "fit" in wanted:
         export.write_json(path("fit"), {
             "prompt": request.prompt, "negative_prompt": request.negative_prompt, "model": model_id,
+            "tiny_vae": request.tiny_vae,
             "bundle": request.bundle_path, "config": request.config.to_dict(),
             "iterations": result.iterations, "stopped": result.stopped, "seconds": round(result.seconds, 3),
             "final_loss": next((x for x in reversed(result.losses) if math.isfinite(x)), None),

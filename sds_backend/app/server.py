@@ -215,7 +215,8 @@ class Server:
             request = make_request(message["prompt"], message.get("negative_prompt") or "", message.get("model"),
                                    message.get("bundle"), initial_weights=message.get("initial_weights"),
                                    keys=message.get("keys"), bounds=message.get("bounds"),
-                                   config=message.get("config") or {}, outputs=message.get("outputs"))
+                                   config=message.get("config") or {}, outputs=message.get("outputs"),
+                                   vae_model=message.get("vae_model"))
             # a client's folder keeps what it holds; the backend's own folder of a job id is replaced
             job_dir = message.get("job_dir")
             own_folder = not job_dir

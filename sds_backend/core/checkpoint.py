@@ -16,7 +16,7 @@ The optimiser's settings are not saved: a resumed stage makes its optimiser as a
 takes only its per-parameter statistics (step, exp_avg, exp_avg_sq) from the file.
 
 Layout: metadata "sds_head" is JSON {version, identity (config, prompt, negative_prompt, model,
-bundle, components, rig), stage_index, step, skipped_steps, texture_levels, snapshot_iterations};
+bundle, components, rig, tiny_vae), stage_index, step, skipped_steps, texture_levels, snapshot_iterations};
 tensors: weights [K], texture.<i> (the texture levels), generator (CPU generator state), losses
 float64 [N], optimizer.<param>.<step|exp_avg|exp_avg_sq>, snapshot.<n>.weights [K],
 snapshot.<n>.texture.
@@ -80,12 +80,18 @@ class Identity:
     bundle: str                    # Bundle.digest()
     components: int
     rig: dict[str, list[float]]    # inputs.Rig.identity(): which keys move, within which bounds
+    tiny_vae: str | None = None    # the tiny VAE SDS encodes with; None: the model's own VAE
 
     def describe_mismatch(self, other: dict) -> str | None:
         if other.get("components") != self.components or other.get("bundle") != self.bundle:
             return "it was made for another morphable model; resume with the same bundle"
         if other.get("model") != self.model:
             return f"it was made with model {other.get('model')!r}, not {self.model!r}; resume with the same model"
+        if other.get("tiny_vae") != self.tiny_vae:
+            def encoder(name) -> str:
+                return f"the tiny VAE {name!r}" if name else "the model's own VAE"
+            return (f"it was made encoding with {encoder(other.get('tiny_vae'))}, not {encoder(self.tiny_vae)}; "
+                    "resume with the same --vae and --vae-model")
         if (other.get("prompt"), other.get("negative_prompt")) != (self.prompt, self.negative_prompt):
             return f"it was made for prompt {other.get('prompt')!r}, not {self.prompt!r}"
         saved = other.get("config") if isinstance(other.get("config"), dict) else {}
@@ -144,7 +150,7 @@ def save(path: str | Path, identity: Identity, state: FitState) -> Path:
         "version": VERSION, "identity": {
             "config": identity.config, "prompt": identity.prompt, "negative_prompt": identity.negative_prompt,
             "model": identity.model, "bundle": identity.bundle, "components": identity.components,
-            "rig": identity.rig},
+            "rig": identity.rig, "tiny_vae": identity.tiny_vae},
         "stage_index": state.stage_index, "step": state.step, "skipped_steps": state.skipped_steps,
         "texture_levels": len(state.texture_levels or []),
         "snapshot_iterations": [s.iteration for s in state.snapshots],

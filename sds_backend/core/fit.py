@@ -115,6 +115,10 @@ class Fitter:
         self.model = model
         self.guidance = guidance.with_settings(guidance_scale=config.guidance_scale, weighting=config.weighting,
                                                resolution=config.guidance_resolution)
+        if (config.vae == "tiny") != (guidance.model.tiny_vae is not None):
+            raise ValueError(f"config.vae is {config.vae!r}, but the guidance encodes with "
+                             f"{'the tiny VAE ' + repr(guidance.model.tiny_vae) if guidance.model.tiny_vae else 'the model VAE'}"
+                             "; load the guidance with GuidanceConfig(tiny_vae=...) for vae 'tiny'")
         self.config = config
         self.device = torch.device(device) if device is not None else guidance.device
         self.tensors = MorphableTensors.from_bundle(model, self.device)
@@ -172,7 +176,7 @@ class Fitter:
         return checkpoint.Identity(
             config=self.config.to_dict(), prompt=prompt, negative_prompt=negative_prompt,
             model=self.guidance.model.model_id, bundle=self.model.digest(), components=self.model.num_components,
-            rig=self.rig.identity())
+            rig=self.rig.identity(), tiny_vae=self.guidance.model.tiny_vae)
 
     def load_checkpoint(self, path: str | Path, prompt: str, negative_prompt: str = "") -> FitState:
         """The state saved at `path`; checkpoint.CheckpointError unless it was made by this very fit

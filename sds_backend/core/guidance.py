@@ -17,6 +17,10 @@ default is `stable-diffusion-v1-5/stable-diffusion-v1-5` (or $SDS_HEAD_MODEL);
 `stabilityai/stable-diffusion-2-1-base` (what FaceG2E, TADA and threestudio use for SDS) works too,
 as do v-prediction checkpoints (their output is converted to ε).
 
+Encoders: the checkpoint's own VAE (AutoencoderKL, what the published SDS methods use), or a
+tiny one (`tiny_vae`: an AutoencoderTiny such as TAESD, `madebyollin/taesd`, trained to give the
+same latents as SD 1.x/2.x's VAE at a tenth of the cost of its forward and backward).
+
 Devices: on CUDA the UNet and VAE run in float16 (channels_last, optionally torch.compile'd); on
 CPU everything is float32. Inputs are cast to the weights' dtype at the model boundary and outputs
 back to the caller's dtype. The text encoder always stays on the CPU in float32: it runs once per
@@ -35,7 +39,8 @@ import torch.nn.functional as F
 
 from ..files import InputError
 from ..fit_config import Weighting
-from ..inputs import DEFAULT_MODEL, MODEL_ENV, check_model_source, default_model_id, model_identity
+from ..inputs import (DEFAULT_MODEL, DEFAULT_TINY_VAE, MODEL_ENV, TINY_VAE_ENV, check_model_source, default_model_id,
+                      model_identity)
 
 Dtype = Literal["auto", "float32", "float16"]
 # noise_predictor(z_t [2B, 4, h, w], t int64 [2B], text_embeddings [2B, L, D]) -> ε [2B, 4, h, w]
@@ -94,6 +99,8 @@ class GuidanceConfig:
     """UNet/VAE weights dtype; "auto" = float16 on CUDA, float32 on CPU."""
     vae_float32: bool = False
     """Keep the VAE in float32 when the weights are float16 (avoids fp16 overflow in the encoder)."""
+    tiny_vae: str | None = None
+    """Hub id or folder of an AutoencoderTiny (e.g. TAESD) to encode with instead of the model's own VAE."""
     channels_last: bool = True
     """Use channels_last memory format for the UNet and VAE on CUDA (ignored on CPU)."""
     compile: bool = False
@@ -125,6 +132,8 @@ def check_config(config: GuidanceConfig) -> None:
     """Raise ValueError/TypeError naming the field, what was expected and what arrived."""
     if not isinstance(config.model, str) or not config.model.strip():
         raise ValueError(f"model: expected a hub id or a folder, got {config.model!r}")
+    if config.tiny_vae is not None and (not isinstance(config.tiny_vae, str) or not config.tiny_vae.strip()):
+        raise ValueError(f"tiny_vae: expected None or a hub id or a folder, got {config.tiny_vae!r}")
     scale = config.guidance_scale
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0.0 <= scale < float("inf"):
         raise ValueError(f"guidance_scale: expected a finite number >= 0, got {scale!r}")
@@ -181,9 +190,10 @@ class DiffusionModel:
     tokenizer: Any                  # CLIPTokenizer
     text_encoder: torch.nn.Module   # CPU, float32
     unet: torch.nn.Module           # device, weights dtype
-    vae: torch.nn.Module            # device, weights dtype (float32 with vae_float32)
+    vae: torch.nn.Module            # device, weights dtype (float32 with vae_float32); AutoencoderKL or -Tiny
     alphas_cumprod: torch.Tensor    # float32 [num_train_timesteps], CPU: ᾱ_t of the training schedule
     prediction_type: str            # "epsilon" or "v_prediction"
+    tiny_vae: str | None = None     # the AutoencoderTiny `vae` is (its hub id or folder); None: the model's own
 
     @property
     def vae_scale_factor(self) -> int:
@@ -205,47 +215,75 @@ _HOW_TO_PASS_A_FOLDER = (
     "the \"model\" field of a fit request (the add-on's Model preference). On a machine with network, "
     f"`hf download {DEFAULT_MODEL} --local-dir DIR` makes such a folder."
 )
+_HOW_TO_PASS_A_TINY_VAE = (
+    "Pass a local folder with a diffusers AutoencoderTiny (config.json and its weights) as --vae-model DIR, "
+    f"the {TINY_VAE_ENV} environment variable or the \"vae_model\" field of a fit request (the add-on's "
+    f"Tiny VAE preference). On a machine with network, `hf download {DEFAULT_TINY_VAE} --local-dir DIR` "
+    "makes such a folder."
+)
 
 
 def load_model(
     model: str, dtype: torch.dtype, device: torch.device | str, *,
-    vae_dtype: torch.dtype | None = None, allow_download: bool = True,
+    vae_dtype: torch.dtype | None = None, allow_download: bool = True, tiny_vae: str | None = None,
 ) -> DiffusionModel:
     """Load an SD checkpoint: a local folder, else the HF cache, else (if allowed) the Hub.
 
     Returns frozen eval-mode modules: UNet on `device` in `dtype`, VAE in `vae_dtype` (default
-    `dtype`), text encoder on the CPU in float32. Raises ModelLoadError (one message, no network
-    stack trace) when every source fails. A download first asks the Hub about the repo once with
-    a short timeout, so an unreachable Hub fails in seconds instead of retrying.
+    `dtype`), text encoder on the CPU in float32. With `tiny_vae` (a hub id or folder of an
+    AutoencoderTiny, found the same way) that encoder replaces the checkpoint's VAE, which is then
+    not loaded at all. Raises ModelLoadError (one message, no network stack trace) when every
+    source fails. A download first asks the Hub about the repo once with a short timeout, so an
+    unreachable Hub fails in seconds instead of retrying.
     """
-    try:
-        check_model_source(model)
-    except InputError as exc:
-        raise ModelLoadError(f"cannot load Stable Diffusion model {model!r}: {exc}\n{_HOW_TO_PASS_A_FOLDER}") from None
-    folder = Path(model).expanduser()
+    _check_source(model, "model", "Stable Diffusion model", _HOW_TO_PASS_A_FOLDER)
+    if tiny_vae is not None:
+        _check_source(tiny_vae, "vae_model", "tiny VAE", _HOW_TO_PASS_A_TINY_VAE)
     # seconds to import: only once there is a plausible source
     _quiet_image_processor_notice()
-    from diffusers import StableDiffusionPipeline
+    from diffusers import AutoencoderTiny, StableDiffusionPipeline
+
+    vae = None
+    if tiny_vae is not None:
+        vae = _from_source(tiny_vae, "tiny VAE", _HOW_TO_PASS_A_TINY_VAE, allow_download,
+                           lambda source, local: AutoencoderTiny.from_pretrained(
+                               source, dtype=vae_dtype or dtype, local_files_only=local))
+
+    def pipeline(source: str | Path, local: bool):
+        components = {"vae": None} if vae is not None else {}      # the checkpoint's VAE is not loaded
+        return StableDiffusionPipeline.from_pretrained(
+            source, dtype=dtype, local_files_only=local, safety_checker=None, feature_extractor=None,
+            image_encoder=None, requires_safety_checker=False, **components)
+
+    pipe = _from_source(model, "Stable Diffusion model", _HOW_TO_PASS_A_FOLDER, allow_download, pipeline)
+    if vae is not None:
+        pipe.vae = vae
+    return _freeze(pipe, model_identity(model), dtype, torch.device(device), vae_dtype or dtype,
+                   tiny_vae=model_identity(tiny_vae) if tiny_vae is not None else None)
+
+
+def _check_source(source: str, what: str, kind: str, hint: str) -> None:
+    try:
+        check_model_source(source, what)
+    except InputError as exc:
+        raise ModelLoadError(f"cannot load {kind} {source!r}: {exc}\n{hint}") from None
+
+
+def _from_source(source: str, kind: str, hint: str, allow_download: bool, load: Callable[[str | Path, bool], Any]):
+    """`load(where, local_files_only)` from a local folder, else the HF cache, else (if allowed) the
+    Hub; one ModelLoadError listing what was tried when every source fails."""
     from huggingface_hub import HfApi
     from huggingface_hub.constants import HF_HUB_CACHE, is_offline_mode
 
-    def from_pretrained(source: str | Path, local_files_only: bool):
-        return StableDiffusionPipeline.from_pretrained(
-            source, dtype=dtype, local_files_only=local_files_only, safety_checker=None,
-            feature_extractor=None, image_encoder=None, requires_safety_checker=False,
-        )
-
+    folder = Path(source).expanduser()
     if folder.is_dir():
         try:
-            pipe = from_pretrained(folder, local_files_only=True)
+            return load(folder, True)
         except Exception as exc:  # diffusers raises OSError, ValueError, KeyError ... for a bad folder
-            raise ModelLoadError(
-                f"cannot load Stable Diffusion model from folder {folder}: {_one_line(exc)}\n{_HOW_TO_PASS_A_FOLDER}"
-            ) from None
-        return _freeze(pipe, model_identity(model), dtype, torch.device(device), vae_dtype or dtype)
-    tried = [f"local folder ./{model}: not found"]
+            raise ModelLoadError(f"cannot load {kind} from folder {folder}: {_one_line(exc)}\n{hint}") from None
+    tried = [f"local folder ./{source}: not found"]
     try:
-        return _freeze(from_pretrained(model, local_files_only=True), model, dtype, torch.device(device), vae_dtype or dtype)
+        return load(source, True)
     except FileNotFoundError:  # huggingface_hub's LocalEntryNotFoundError
         tried.append(f"Hugging Face cache {HF_HUB_CACHE}: not there")
     except Exception as exc:
@@ -256,14 +294,12 @@ def load_model(
         tried.append("download: disabled by HF_HUB_OFFLINE")
     else:
         try:
-            HfApi().model_info(model, timeout=10)
-            pipe = from_pretrained(model, local_files_only=False)
+            HfApi().model_info(source, timeout=10)
+            return load(source, False)
         except Exception as exc:
             tried.append(f"download from the Hugging Face Hub: {_one_line(exc)}")
-        else:
-            return _freeze(pipe, model, dtype, torch.device(device), vae_dtype or dtype)
     lines = "\n".join(f"  - {line}" for line in tried)
-    raise ModelLoadError(f"cannot load Stable Diffusion model {model!r}; tried:\n{lines}\n{_HOW_TO_PASS_A_FOLDER}")
+    raise ModelLoadError(f"cannot load {kind} {source!r}; tried:\n{lines}\n{hint}")
 
 
 class _DropImageProcessorNotice(logging.Filter):
@@ -287,8 +323,10 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {first[:300]}"
 
 
-def _freeze(pipe: Any, model_id: str, dtype: torch.dtype, device: torch.device, vae_dtype: torch.dtype) -> DiffusionModel:
-    """Keep what SDS needs from a pipeline, frozen and in eval mode; drop the rest."""
+def _freeze(pipe: Any, model_id: str, dtype: torch.dtype, device: torch.device, vae_dtype: torch.dtype,
+            tiny_vae: str | None = None) -> DiffusionModel:
+    """Keep what SDS needs from a pipeline, frozen and in eval mode; drop the rest. `tiny_vae`
+    names the AutoencoderTiny in pipe.vae (None: pipe.vae is the checkpoint's own)."""
     from diffusers import DDPMScheduler
 
     def frozen(module: torch.nn.Module, to_device: torch.device, to_dtype: torch.dtype) -> torch.nn.Module:
@@ -309,6 +347,7 @@ def _freeze(pipe: Any, model_id: str, dtype: torch.dtype, device: torch.device, 
         vae=frozen(pipe.vae, device, vae_dtype),
         alphas_cumprod=train_schedule.alphas_cumprod.to(torch.float32),
         prediction_type=prediction_type,
+        tiny_vae=tiny_vae,
     )
 
 
@@ -374,7 +413,8 @@ class StableDiffusionGuidance:
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = resolve_dtype(config.dtype, device)
         vae_dtype = torch.float32 if config.vae_float32 else dtype
-        model = load_model(config.model, dtype, device, vae_dtype=vae_dtype, allow_download=config.allow_download)
+        model = load_model(config.model, dtype, device, vae_dtype=vae_dtype, allow_download=config.allow_download,
+                           tiny_vae=config.tiny_vae)
         return cls(model, config)
 
     @classmethod
@@ -382,13 +422,18 @@ class StableDiffusionGuidance:
         cls, pipe: Any, config: GuidanceConfig | None = None, device: torch.device | str = "cpu",
         noise_predictor: NoisePredictor | None = None,
     ) -> "StableDiffusionGuidance":
-        """Wrap an already built StableDiffusionPipeline (tests, notebooks); its modules are frozen in place."""
+        """Wrap an already built StableDiffusionPipeline (tests, notebooks); its modules are frozen in
+        place. A pipe.vae that is an AutoencoderTiny goes by config.tiny_vae."""
         config = config or GuidanceConfig()
         device = torch.device(device)
         dtype = resolve_dtype(config.dtype, device)
         vae_dtype = torch.float32 if config.vae_float32 else dtype
         model_id = str(getattr(pipe, "name_or_path", None) or config.model)
-        return cls(_freeze(pipe, model_id, dtype, device, vae_dtype), config, noise_predictor)
+        tiny = _is_tiny(pipe.vae)
+        if tiny != (config.tiny_vae is not None):
+            raise ValueError(f"tiny_vae: {config.tiny_vae!r} does not describe the pipeline's {type(pipe.vae).__name__}")
+        return cls(_freeze(pipe, model_id, dtype, device, vae_dtype, tiny_vae=config.tiny_vae), config,
+                   noise_predictor)
 
     def with_settings(self, **changes: Any) -> "StableDiffusionGuidance":
         """The same loaded model, compiled UNet and prompt cache with some SDS settings changed.
@@ -448,11 +493,14 @@ class StableDiffusionGuidance:
         if rgb.shape[-2:] != (self.resolution, self.resolution):
             rgb = F.interpolate(rgb, (self.resolution, self.resolution), mode="bilinear", align_corners=False, antialias=False)
         x = (2.0 * rgb - 1.0).to(self.device, self.vae_dtype)
-        # The posterior mean, not a sample: SDS's only randomness is then (t, ε), the gradient is
-        # deterministic given them, and the (tiny) VAE posterior noise adds nothing but variance.
-        # scaling_factor brings the latents to the unit variance the UNet was trained on.
-        latents = self.model.vae.encode(x).latent_dist.mean * self.model.vae.config.scaling_factor
-        return latents.to(rgb.dtype)
+        encoded = self.model.vae.encode(x)
+        # AutoencoderKL: the posterior mean, not a sample: SDS's only randomness is then (t, ε), the
+        # gradient is deterministic given them, and the (tiny) posterior noise adds nothing but
+        # variance. AutoencoderTiny (TAESD) is deterministic and was trained to output SD's latents
+        # already scaled (its scaling_factor is 1). Either way, times scaling_factor gives the unit-
+        # variance latents the UNet was trained on, as diffusers' own image-to-image pipelines do.
+        latents = encoded.latents if _is_tiny(self.model.vae) else encoded.latent_dist.mean
+        return (latents * self.model.vae.config.scaling_factor).to(rgb.dtype)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """latents [B, 4, h, w] -> rgb [B, 3, 8h, 8w] in [0, 1] (clamped), caller's dtype.
@@ -550,6 +598,12 @@ class StableDiffusionGuidance:
         if noise is not None and noise.shape != latents.shape:
             raise ValueError(f"noise: expected shape {list(latents.shape)} like the latents, got {list(noise.shape)}")
         return t, noise
+
+
+def _is_tiny(vae: torch.nn.Module) -> bool:
+    from diffusers import AutoencoderTiny
+
+    return isinstance(vae, AutoencoderTiny)
 
 
 def _check_image(x: Any, name: str, channels: int) -> None:

@@ -1,4 +1,4 @@
-"""`python -m sds_backend bench {raster,fit}`: print one JSON object of benchmark figures.
+"""`python -m sds_backend bench {raster,fit} [--architecture sd15]`: print one JSON object of figures.
 
 Figures are medians over repeated runs; ratios are measured within one run, round-robin, so
 that a noisy machine affects both sides of a ratio alike.
@@ -20,6 +20,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--model", default=None,
                         help="fit: 'tiny' (CPU default), 'sd15-arch' (random SD 1.5 weights; CUDA default) or a model id/folder")
+    parser.add_argument("--architecture", choices=("sd15",), default=None,
+                        help="fit: compare the full VAE with TAESD on this architecture (random weights) instead")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -37,6 +39,10 @@ def run(args: argparse.Namespace) -> int:
         from .bench_raster import run as bench_raster
 
         figures = bench_raster(device, **repeats)
+    elif args.architecture:
+        from .bench_vae import run as bench_vae
+
+        figures = bench_vae(device, **repeats)
     else:
         from .bench_fit import run as bench_fit
 

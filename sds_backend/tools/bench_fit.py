@@ -4,6 +4,7 @@ CPU (default there): the tiny test model at 256² — what matters on a CPU is t
 everything around SDS (render, optimiser), measured as a ratio within one run. CUDA (default
 there): an SD 1.5-architecture UNet/VAE/CLIP with random weights built from the published
 configs (no download), fp16, 512² renders — the real model's cost without its weights.
+`bench fit --architecture sd15` (bench_vae.py) compares the two VAEs on that architecture.
 """
 from __future__ import annotations
 
@@ -16,43 +17,9 @@ from ..core.fit import Fitter, PhaseTimer
 from ..core.guidance import GuidanceConfig, StableDiffusionGuidance
 from ..fit_config import FitConfig
 from .. import DEFAULT_BUNDLE
+from .sd15_architecture import build_sd15_architecture
 
 PHASES = ("render", "vae_encode", "unet", "backward", "optimizer")
-
-
-def build_sd15_architecture(device: torch.device):
-    """A StableDiffusionPipeline with SD 1.5's published architecture and random weights.
-
-    Configs as in stable-diffusion-v1-5's unet/, vae/ and text_encoder/ config.json; the
-    tokenizer is the tiny character tokenizer (its ids are valid for the 49408-token CLIP).
-    """
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from .tiny_sd import SD_SCHEDULER_CONFIG, build_tokenizer
-
-    torch.manual_seed(0)
-    with torch.device(device):
-        unet = UNet2DConditionModel(
-            sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
-            block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
-            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-        )
-        vae = AutoencoderKL(
-            in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
-            block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4, sample_size=512, scaling_factor=0.18215,
-        )
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-        max_position_embeddings=77, hidden_act="quick_gelu",
-    ))
-    return StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=build_tokenizer(), unet=unet,
-        scheduler=DDIMScheduler(**SD_SCHEDULER_CONFIG), safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False,
-    )
 
 
 def _guidance(model: str, device: torch.device) -> StableDiffusionGuidance:

@@ -20,6 +20,7 @@ about a second.
 from __future__ import annotations
 
 import contextlib
+import json
 import string
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -189,10 +190,58 @@ def _colour_code_vae(vae) -> None:
         centre_tap(decoder.conv_out, carry.T)
 
 
+TINY_VAE_FOLDER = "tiny_vae"      # inside the tiny model's folder: the `--vae tiny` encoder of the tests
+
+
+def build_tiny_vae(seed: int = 0):
+    """A tiny AutoencoderTiny (TAESD's architecture, narrow) whose encoder computes exactly what
+    the tiny pipeline's VAE does: the colour code of each 8x8 block's mean colour, as scaled
+    latents (TAESD's convention: its latents are SD's scaled latents, scaling_factor 1).
+
+    The encoder's input is (x + 1) / 2 in [0, 1], never negative, so every ReLU passes it through:
+    each block's residual branch is zero, each stride-2 conv takes the mean of the 2x2 block it
+    starts at, and the last conv maps the mean colour m' in [0, 1] to code @ (2 m' - 1). The
+    decoder stays random: SDS never decodes.
+    """
+    import torch
+    from diffusers import AutoencoderTiny
+    from diffusers.models.unets.unet_2d_blocks import AutoencoderTinyBlock
+
+    torch.manual_seed(seed + 3)
+    vae = AutoencoderTiny(encoder_block_out_channels=(8, 8, 8, 8), decoder_block_out_channels=(8, 8, 8, 8),
+                          num_encoder_blocks=(1, 1, 1, 1), num_decoder_blocks=(1, 1, 1, 1))
+    code = latent_colour_code()
+    layers = list(vae.encoder.layers)
+    convs = [layer for layer in layers if isinstance(layer, torch.nn.Conv2d)]
+    first, downsamplers, last = convs[0], convs[1:-1], convs[-1]
+    with torch.no_grad():
+        first.weight.zero_()
+        first.bias.zero_()
+        first.weight[:3, :3, 1, 1] = torch.eye(3)
+        for block in (layer for layer in layers if isinstance(layer, AutoencoderTinyBlock)):
+            block.conv[-1].weight.zero_()
+            block.conv[-1].bias.zero_()
+        for down in downsamplers:        # padding 1: taps 1 and 2 are the rows and columns 2i, 2i + 1
+            down.weight.zero_()
+            down.weight[:, :, 1:3, 1:3] = torch.eye(down.out_channels, down.in_channels)[:, :, None, None] / 4
+        last.weight.zero_()
+        last.weight[:, :3, 1, 1] = 2 * code
+        last.bias.copy_(-code.sum(dim=1))
+    return vae
+
+
 def save_tiny_sd(folder: str | Path, seed: int = 0) -> Path:
-    """Build the tiny pipeline and save it to `folder` (about 4 MB); returns the folder."""
+    """Build the tiny pipeline and save it to `folder` (about 4 MB), with its tiny VAE in
+    `folder/tiny_vae`; returns the folder."""
     folder = Path(folder)
     build_pipeline(seed).save_pretrained(folder, safe_serialization=True)
+    build_tiny_vae(seed).save_pretrained(folder / TINY_VAE_FOLDER, safe_serialization=True)
+    # AutoencoderTiny saves a derived key that its loader then warns about; TAESD's own config.json
+    # does not have it
+    config_path = folder / TINY_VAE_FOLDER / "config.json"
+    config = json.loads(config_path.read_text())
+    config.pop("block_out_channels", None)
+    config_path.write_text(json.dumps(config, indent=2))
     return folder
 
 

@@ -207,3 +207,24 @@ def test_headless_shape_only_exports_in_blender_5(real, addon, tmp_path, monkeyp
     assert sorted(p.name for p in out.iterdir()) == ["fit.json", "head.blend", "head.fbx", "head.glb", "texture.png",
                                                      "weights.json"]
     assert all((out / name).stat().st_size > 0 for name in ("head.blend", "head.fbx", "head.glb"))
+
+
+def test_headless_fits_through_the_tiny_vae_it_is_given(real, addon, tmp_path, tiny_sd_dir):
+    """`--vae tiny --vae-model DIR` reaches the backend's loader: the tiny model's AutoencoderTiny fits,
+    and a tiny VAE folder that cannot load fails the run with the backend's message (exit 4)."""
+    import json
+
+    from blender_addon import headless
+    from sds_backend.tools.tiny_sd import TINY_VAE_FOLDER
+
+    vae = tiny_sd_dir / TINY_VAE_FOLDER
+    common = ["--prompt", "an old sailor", "--model", str(tiny_sd_dir), "--backend-python", str(SERVE_PYTHON),
+              "--steps", "2", "--render-size", "64", "--vae", "tiny"]
+    assert headless.main([*common, "--out", str(tmp_path / "tiny"), "--vae-model", str(vae)]) == 0
+    record = json.loads((tmp_path / "tiny" / "fit.json").read_text())
+    assert record["vae_model"] == str(vae) and record["config"]["vae"] == "tiny" and record["iterations"] == 2
+    broken = tmp_path / "broken_vae"
+    broken.mkdir()
+    (broken / "config.json").write_text('{"_class_name": "AutoencoderTiny"}')
+    assert headless.main([*common, "--out", str(tmp_path / "broken"), "--vae-model", str(broken)]) == 4
+    assert not (tmp_path / "broken").exists()

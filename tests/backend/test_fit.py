@@ -50,18 +50,34 @@ class OracleDenoiser:
         return (z_t - alpha_bar.sqrt() * z_star) / (1 - alpha_bar).sqrt()
 
 
+@pytest.fixture(scope="module")
+def tiny_vae_pipeline(tiny_sd_dir):
+    """The tiny pipeline with its AutoencoderTiny in place of its own VAE (config.vae "tiny")."""
+    from diffusers import AutoencoderTiny, StableDiffusionPipeline
+
+    from sds_backend.tools.tiny_sd import TINY_VAE_FOLDER
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_dir, local_files_only=True)
+    pipe.vae = AutoencoderTiny.from_pretrained(tiny_sd_dir / TINY_VAE_FOLDER, local_files_only=True)
+    return pipe
+
+
 def _oracle_fitter(pipeline, model, config):
-    guidance = StableDiffusionGuidance.from_pipeline(pipeline, GuidanceConfig(model="tiny"))
+    tiny_vae = "tiny" if config.vae == "tiny" else None
+    guidance = StableDiffusionGuidance.from_pipeline(pipeline, GuidanceConfig(model="tiny", tiny_vae=tiny_vae))
     fitter = Fitter(model, guidance, config)
     return fitter, guidance
 
 
-def test_oracle_fit_recovers_shape_weights(pipeline):
+@pytest.mark.parametrize("vae", ["full", "tiny"])
+def test_oracle_fit_recovers_shape_weights(request, vae):
     model = synthetic_model(10)
     # the oracle's gradient is noise-free, so a decaying rate shows how precisely the
     # pipeline (renderer, VAE, SDS gradient, optimiser) can find the target. 128² renders
     # encoded as they are (no resize to the tiny model's 256²): ~0.3% error after 150 iterations
-    config = FitConfig(shape_steps=150, render_size=128, guidance_resolution=128, lr=0.1, lr_decay=0.1, event_every=50)
+    config = FitConfig(shape_steps=150, render_size=128, guidance_resolution=128, lr=0.1, lr_decay=0.1, event_every=50,
+                       vae=vae)
+    pipeline = request.getfixturevalue("pipeline" if vae == "full" else "tiny_vae_pipeline")
     fitter, guidance = _oracle_fitter(pipeline, model, config)
     target = torch.randn(10, generator=torch.Generator().manual_seed(5)).clamp(-2, 2).numpy()
     oracle = OracleDenoiser(fitter, fitter.initial_state(target))
@@ -380,3 +396,34 @@ def test_compile_setting_reaches_the_unet(tiny_sd_dir, tmp_path):
         assert (guidance._unet is not guidance.model.unet) is flag
     with pytest.raises(ValueError, match="config.compile: expected true or false"):
         FitConfig.from_dict({"compile": "yes"})
+
+
+def test_fit_command_encodes_with_the_tiny_vae_and_resumes_only_with_it(tiny_sd_dir, tmp_path):
+    """`fit --vae tiny --vae-model DIR`, as the README writes it: the fit runs through the tiny
+    encoder, fit.json says which, and its checkpoint resumes only with the same encoder."""
+    import shutil
+
+    from sds_backend.app.fit_command import check_resumable
+    from sds_backend.app.request import make_request
+    from sds_backend.tools.tiny_sd import TINY_VAE_FOLDER
+
+    out, vae = tmp_path / "out", tiny_sd_dir / TINY_VAE_FOLDER
+    command = [sys.executable, "-m", "sds_backend", "fit", "--prompt", "an old sailor", "--out", str(out),
+               "--model", str(tiny_sd_dir), "--vae", "tiny", "--vae-model", str(vae), "--steps", "3",
+               "--render-size", "64", "--config", json.dumps({"guidance_resolution": 64, "checkpoint_every": 1})]
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr
+    fit = json.loads((out / "fit.json").read_text())
+    assert fit["tiny_vae"] == str(vae) and fit["config"]["vae"] == "tiny" and fit["iterations"] == 3
+
+    config = {**fit["config"], "vae": "tiny"}
+    same = make_request("an old sailor", "", str(tiny_sd_dir), None, config=config, vae_model=str(vae))
+    check_resumable(out, out / "checkpoint.safetensors", same, ["weights.json"])
+    other = tmp_path / "another_tiny_vae"
+    shutil.copytree(vae, other)
+    moved = make_request("an old sailor", "", str(tiny_sd_dir), None, config=config, vae_model=str(other))
+    with pytest.raises(ValueError, match=f"encoding with the tiny VAE '{vae}', not the tiny VAE '{other}'"):
+        check_resumable(out, out / "checkpoint.safetensors", moved, ["weights.json"])
+    full = make_request("an old sailor", "", str(tiny_sd_dir), None, config={**config, "vae": "full"})
+    with pytest.raises(ValueError, match=f"encoding with the tiny VAE '{vae}', not the model's own VAE"):
+        check_resumable(out, out / "checkpoint.safetensors", full, ["weights.json"])

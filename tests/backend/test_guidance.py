@@ -23,9 +23,21 @@ def tiny_pipeline(folder):
                                                    feature_extractor=None, requires_safety_checker=False)
 
 
-def make_guidance(folder, noise_predictor=None, **config):
-    """(guidance, pipe): the pipe's modules are the guidance's, for by-hand references."""
+def tiny_vae(folder):
+    from diffusers import AutoencoderTiny
+
+    from sds_backend.tools.tiny_sd import TINY_VAE_FOLDER
+
+    return AutoencoderTiny.from_pretrained(folder / TINY_VAE_FOLDER, local_files_only=True)
+
+
+def make_guidance(folder, noise_predictor=None, tiny=False, **config):
+    """(guidance, pipe): the pipe's modules are the guidance's, for by-hand references; `tiny`:
+    the tiny model's AutoencoderTiny in place of its own VAE."""
     pipe = tiny_pipeline(folder)
+    if tiny:
+        pipe.vae = tiny_vae(folder)
+        config["tiny_vae"] = "tiny"
     config = GuidanceConfig(model=str(folder), **{"resolution": RES, **config})
     guidance = StableDiffusionGuidance.from_pipeline(pipe, config, "cpu", noise_predictor=noise_predictor)
     return guidance, pipe
@@ -105,8 +117,9 @@ def test_default_guidance_scale_100_and_single_item_gradient_is_exact(tiny_sd_di
     assert rel_err(latents.grad, expected) <= 1e-5
 
 
-def test_rgb_gradient_is_vae_encoder_vjp_of_latent_gradient(tiny_sd_dir):
-    guidance, pipe = make_guidance(tiny_sd_dir, guidance_scale=7.5)
+@pytest.mark.parametrize("tiny", [False, True], ids=["full-vae", "tiny-vae"])
+def test_rgb_gradient_is_vae_encoder_vjp_of_latent_gradient(tiny_sd_dir, tiny):
+    guidance, pipe = make_guidance(tiny_sd_dir, guidance_scale=7.5, tiny=tiny)
     guidance.set_prompt("a bust")
     gen = torch.Generator().manual_seed(2)
     rgb = torch.rand(2, 3, 48, 48, generator=gen).requires_grad_(True)  # resized to 64 inside
@@ -114,10 +127,12 @@ def test_rgb_gradient_is_vae_encoder_vjp_of_latent_gradient(tiny_sd_dir):
     t = torch.tensor([300, 600])
     guidance.sds(rgb, 0.0, 0.0, t=t, noise=noise).loss.backward()
 
-    # by hand: z = E(2·resize(rgb) − 1) · scaling_factor (posterior mean), g = w(t)(ε̂ − ε)/B, VJP
+    # by hand: z = E(2·resize(rgb) − 1) · scaling_factor (posterior mean; TAESD's latents as they
+    # come, its factor is 1), g = w(t)(ε̂ − ε)/B, VJP
     rgb_ref = rgb.detach().requires_grad_(True)
     x = torch.nn.functional.interpolate(rgb_ref, (RES, RES), mode="bilinear", align_corners=False)
-    z = pipe.vae.encode(2 * x - 1).latent_dist.mean * pipe.vae.config.scaling_factor
+    encoded = pipe.vae.encode(2 * x - 1)
+    z = (encoded.latents if tiny else encoded.latent_dist.mean) * pipe.vae.config.scaling_factor
     alpha_bar = alpha_bar_of(pipe, t)
     z_t = alpha_bar.sqrt() * z.detach() + (1 - alpha_bar).sqrt() * noise
     with torch.no_grad():
@@ -316,6 +331,65 @@ def test_tiny_vae_encodes_the_colour_of_each_8x8_block_and_decodes_it_back(tiny_
     assert (decoded - F.interpolate(F.avg_pool2d(x, 8), scale_factor=8, mode="nearest")).abs().max() <= 1e-3
 
 
+@pytest.mark.parametrize("tiny", [False, True], ids=["full-vae", "tiny-vae"])
+def test_latents_follow_diffusers_own_image_to_image_convention(tiny_sd_dir, tiny):
+    """diffusers' img2img pipelines encode with retrieve_latents(vae.encode(x)) * scaling_factor, for
+    AutoencoderKL (0.18215) and AutoencoderTiny (1: TAESD's latents come scaled) alike."""
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img import retrieve_latents
+
+    guidance, pipe = make_guidance(tiny_sd_dir, tiny=tiny)
+    rgb = torch.rand(2, 3, RES, RES, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        reference = retrieve_latents(pipe.vae.encode(2 * rgb - 1), sample_mode="argmax") * pipe.vae.config.scaling_factor
+        latents = guidance.encode(rgb)
+    assert pipe.vae.config.scaling_factor == (1.0 if tiny else 0.18215)
+    assert rel_err(latents, reference) <= 1e-6
+
+
+def test_tiny_vae_latents_are_the_full_vaes_scaled_latents(tiny_sd_dir):
+    """TAESD is trained to reproduce SD's *scaled* latents, so both encoders hand the UNet latents of
+    the same variance. The tiny model's two encoders compute the same colour code exactly: any
+    misapplied scaling factor (0.18215 too many or too few) would show as a 5.5x gap."""
+    full, _ = make_guidance(tiny_sd_dir)
+    tiny, _ = make_guidance(tiny_sd_dir, tiny=True)
+    rgb = torch.rand(3, 3, 2 * RES, 2 * RES, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        expected, latents = full.encode(rgb), tiny.encode(rgb)
+    assert rel_err(latents, expected) <= 1e-5
+    assert abs(float(latents.std() / expected.std()) - 1) <= 1e-5
+
+
+def test_gradient_through_the_tiny_encoder_matches_finite_differences(tiny_sd_dir):
+    """A random AutoencoderTiny (ReLUs, strided convs, residual blocks), in float64: d<latents, G>/d rgb
+    at a few pixels by autograd and by central differences."""
+    from diffusers import AutoencoderTiny
+
+    torch.manual_seed(0)
+    pipe = tiny_pipeline(tiny_sd_dir)
+    pipe.vae = AutoencoderTiny(encoder_block_out_channels=(8, 8, 8, 8), decoder_block_out_channels=(8, 8, 8, 8),
+                               num_encoder_blocks=(1, 2, 2, 2), num_decoder_blocks=(1, 1, 1, 1))
+    guidance = StableDiffusionGuidance.from_pipeline(pipe, GuidanceConfig(model="tiny", resolution=RES, tiny_vae="random"))
+    guidance.model.vae.double()
+    guidance.vae_dtype = torch.float64
+    gen = torch.Generator().manual_seed(8)
+    rgb = torch.rand(1, 3, RES, RES, generator=gen, dtype=torch.float64)
+    weights = torch.randn(1, 4, RES // 8, RES // 8, generator=gen, dtype=torch.float64)
+
+    def objective(image):
+        return (guidance.encode(image) * weights).sum()
+
+    image = rgb.clone().requires_grad_(True)
+    objective(image).backward()
+    eps = 1e-6
+    for c, y, x in [(0, 5, 7), (1, 31, 32), (2, 60, 3), (0, 40, 41), (1, 0, 63)]:
+        step = torch.zeros_like(rgb)
+        step[0, c, y, x] = eps
+        with torch.no_grad():
+            numeric = float(objective(rgb + step) - objective(rgb - step)) / (2 * eps)
+        assert abs(float(image.grad[0, c, y, x]) - numeric) <= 1e-6 * max(1.0, abs(numeric)), (c, y, x)
+    assert float(image.grad.abs().sum()) > 0
+
+
 def test_native_resolution_comes_from_the_model(tiny_sd_dir):
     guidance, _ = make_guidance(tiny_sd_dir, resolution=None)
     assert guidance.resolution == 256  # tiny UNet: 32² latents × 8
@@ -396,13 +470,50 @@ def test_loads_a_local_folder_through_from_pretrained(tiny_sd_dir):
     assert model.model_id == str(tiny_sd_dir) and model.prediction_type == "epsilon"
     assert model.alphas_cumprod.shape == (1000,) and model.native_resolution == 256
     assert {f.name for f in dataclasses.fields(model)} == {  # no safety checker, feature extractor, scheduler
-        "model_id", "tokenizer", "text_encoder", "unet", "vae", "alphas_cumprod", "prediction_type"}
+        "model_id", "tokenizer", "text_encoder", "unet", "vae", "alphas_cumprod", "prediction_type", "tiny_vae"}
+    assert model.tiny_vae is None and type(model.vae).__name__ == "AutoencoderKL"
     for module in (model.unet, model.vae, model.text_encoder):
         assert not module.training and not any(p.requires_grad for p in module.parameters())
         assert next(module.parameters()).dtype == torch.float32
     guidance.set_prompt("a head")
     out = guidance.sds(torch.rand(1, 3, RES, RES), 0.0, 0.0, generator=torch.Generator().manual_seed(0))
     assert torch.isfinite(out.loss)
+
+
+def test_loads_a_tiny_vae_in_place_of_the_models_own_without_loading_that(tiny_sd_dir, monkeypatch):
+    from diffusers import AutoencoderKL
+
+    from sds_backend.tools.tiny_sd import TINY_VAE_FOLDER
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model's own VAE was loaded")
+
+    monkeypatch.setattr(AutoencoderKL, "from_pretrained", refuse)
+    folder = tiny_sd_dir / TINY_VAE_FOLDER
+    guidance = StableDiffusionGuidance.from_config(GuidanceConfig(model=str(tiny_sd_dir), resolution=RES,
+                                                                  tiny_vae=str(folder)), device="cpu")
+    model = guidance.model
+    assert type(model.vae).__name__ == "AutoencoderTiny" and model.tiny_vae == str(folder)
+    assert not model.vae.training and not any(p.requires_grad for p in model.vae.parameters())
+    guidance.set_prompt("a head")
+    rgb = torch.rand(1, 3, RES, RES, requires_grad=True)
+    guidance.sds(rgb, 0.0, 0.0, generator=torch.Generator().manual_seed(0)).loss.backward()
+    assert torch.isfinite(rgb.grad).all() and float(rgb.grad.abs().sum()) > 0
+
+
+@pytest.mark.parametrize("source,expected", [
+    ("{tmp}/missing", "cannot load tiny VAE '{tmp}/missing': vae_model: folder {tmp}/missing not found"),
+    ("{tmp}", "vae_model: folder {tmp} has no config.json, so it is not a diffusers model folder"),
+    ("nobody/no-such-taesd", "download: disabled by HF_HUB_OFFLINE"),
+], ids=["missing-folder", "not-a-model-folder", "unknown-hub-id-offline"])
+def test_a_tiny_vae_that_cannot_load_gives_one_clear_error_fast(tiny_sd_dir, tmp_path, source, expected):
+    start = time.perf_counter()
+    with pytest.raises(ModelLoadError) as info:
+        load_model(str(tiny_sd_dir), torch.float32, "cpu", tiny_vae=source.format(tmp=tmp_path))
+    assert time.perf_counter() - start < 5.0
+    message = str(info.value)
+    assert expected.format(tmp=tmp_path) in message and "--vae-model DIR" in message and "SDS_HEAD_TINY_VAE" in message
+    assert_single_exception(info.value)
 
 
 def test_missing_folder_gives_one_clear_error_fast(tmp_path):
