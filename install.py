@@ -5,6 +5,9 @@
     python3 install.py --dev           + test tools, .venv-bpy/ (bpy wheel), Debian's Blender and the
                                          tiny Stable Diffusion the tests load
     python3 install.py --blender PATH  + install the add-on into that Blender ("auto" finds one)
+    python3 install.py --package [--out DIR]   the add-on zips for Blender 4.2+ and 3.4-4.1 (dist/)
+    python3 install.py --env DIR       the backend's dependencies in the environment DIR, run from this
+                                         folder (what the add-on's Install Backend button runs)
 
 torch is pinned to one release. Its build is chosen per machine: the CUDA build (PyPI's
 default Linux wheel) where `nvidia-smi` answers, otherwise the CPU build from PyTorch's CPU
@@ -24,6 +27,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -187,20 +191,20 @@ def attempt(step: str, cmd: list) -> bool:
         return False
 
 
-def ensure_backend_venv(python: str) -> tuple[Path, Installer]:
-    """.venv with pip, and uv where it can be had.
+def ensure_backend_venv(python: str, venv: Path) -> tuple[Path, Installer]:
+    """The backend environment with pip, and uv where it can be had.
 
     A new one is made without pip: this Python's own pip puts uv in and uv puts pip in, 5 s in
     all, where venv's pip bootstrap alone takes about 9 s. Without a usable pip here, venv's
     bootstrap (ensurepip) puts pip in and that pip installs uv; without uv, pip does everything.
     """
-    py = venv_python(VENV)
+    py = venv_python(venv)
     if py.exists() and succeeds([py, "-c", "import pip"]):
-        say(f"environment {VENV.name}/ exists")
+        say(f"environment {venv.name}/ exists")
         return py, setup_uv(py)
-    if VENV.exists():
-        shutil.rmtree(VENV)
-    run(f"create {VENV.name} (its pip is installed next)", [python, "-m", "venv", "--without-pip", str(VENV)])
+    if venv.exists():
+        shutil.rmtree(venv)
+    run(f"create {venv.name} (its pip is installed next)", [python, "-m", "venv", "--without-pip", str(venv)])
     uv = uv_path(py)
     if (attempt("install uv into it with this Python's pip", [python, "-m", "pip", "--python", py, "install", "--no-compile", UV])
             and attempt("install pip into it with uv", [uv, "pip", "install", "--python", py, "pip"])):
@@ -308,14 +312,37 @@ def install_backend(installer: Installer, py: Path, dev: bool) -> bool:
     README's two commands in either order) does not reinstall anything.
     """
     project = (ROOT / "pyproject.toml").read_text()
-    if stamp_matches(VENV, "backend-dev", project) or (not dev and stamp_matches(VENV, "backend", project)):
+    venv = py.parent.parent
+    if stamp_matches(venv, "backend-dev", project) or (not dev and stamp_matches(venv, "backend", project)):
         say("backend packages already installed")
         return False
     installer.install("install sds_backend (editable) and its dependencies", py,
                       ["-e", ".[dev]" if dev else "."], cwd=ROOT)
-    write_stamp(VENV, "backend", project)
+    write_stamp(venv, "backend", project)
     if dev:
-        write_stamp(VENV, "backend-dev", project)
+        write_stamp(venv, "backend-dev", project)
+    return True
+
+
+def project_dependencies(pyproject: str) -> list[str]:
+    """[project] dependencies of pyproject.toml's text (no tomllib before Python 3.11)."""
+    block = re.search(r"(?ms)^dependencies = \[(.*?)^\]", pyproject)
+    if block is None:
+        raise StepFailed("pyproject.toml has no dependencies = [...] list")
+    return re.findall(r'"([^"]+)"', block.group(1))
+
+
+def install_dependencies(installer: Installer, py: Path) -> bool:
+    """The backend's dependencies only: the backend runs from this folder (python -m sds_backend
+    with this folder as the working directory), so nothing is built or written into it."""
+    project = (ROOT / "pyproject.toml").read_text()
+    venv = py.parent.parent
+    if stamp_matches(venv, "dependencies", project):
+        say("backend packages already installed")
+        return False
+    installer.install("install the backend's dependencies", py,
+                      [d for d in project_dependencies(project) if not d.startswith("torch")])
+    write_stamp(venv, "dependencies", project)
     return True
 
 
@@ -408,11 +435,74 @@ def install_addon(blender: str, backend_python: Path) -> None:
          "--addon-dir", ROOT / "blender_addon", "--backend-python", backend_python])
 
 
+COMPLETE_STAMP = ".sds-head-complete"
+
+
+def complete_digest() -> str:
+    """What a complete environment for this backend holds: the torch pin and pyproject.toml."""
+    return hashlib.sha256(f"{TORCH_PIN}\n{(ROOT / 'pyproject.toml').read_text()}".encode()).hexdigest()
+
+
+def is_complete(venv: Path) -> bool:
+    """Whether `--env venv` finished for this very backend (the add-on asks this too)."""
+    try:
+        return ((venv / COMPLETE_STAMP).read_text(encoding="utf-8") == complete_digest()
+                and venv_python(venv).is_file())
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+def install_environment(venv: Path) -> int:
+    """`--env DIR`: torch and the backend's dependencies in DIR, for running the backend from ROOT.
+
+    DIR is marked complete (COMPLETE_STAMP) only after every step succeeded, and the mark is
+    removed first: an install that was cancelled or failed half-way never looks complete.
+    """
+    if sys.version_info[:2] < MIN_PYTHON:
+        print(f"[install] needs Python >= {MIN_PYTHON[0]}.{MIN_PYTHON[1]}, this is {sys.version.split()[0]}", file=sys.stderr)
+        return 2
+    if is_complete(venv):
+        say(f"the backend environment {venv} is complete: nothing to do")
+        return 0
+    try:
+        (venv / COMPLETE_STAMP).unlink(missing_ok=True)
+        py, installer = ensure_backend_venv(sys.executable, venv)
+        install_torch(installer, py)
+        install_dependencies(installer, py)
+        precompile(py, "the backend", BACKEND_IMPORTS)
+        (venv / COMPLETE_STAMP).write_text(complete_digest(), encoding="utf-8")
+    except (StepFailed, OSError) as exc:
+        print(f"[install] {exc}", file=sys.stderr)
+        return 1
+    say(f"done. Backend Python: {py}")
+    return 0
+
+
+def package(out: Path) -> int:
+    """`--package`: the add-on zips (blender_addon/packaging.py), each with the backend's source."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("sds_head_packaging", ROOT / "blender_addon" / "packaging.py")
+    packaging = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(packaging)
+    for path in packaging.build_packages(ROOT, out.expanduser().absolute()):
+        say(f"wrote {path} ({path.stat().st_size / 2 ** 20:.1f} MiB)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dev", action="store_true", help="also install test tools, .venv-bpy and Blender")
     parser.add_argument("--blender", metavar="PATH", help="install the add-on into this Blender ('auto': from PATH)")
+    parser.add_argument("--package", action="store_true", help="write the add-on zips (4.2+ extension, 3.4-4.1 add-on)")
+    parser.add_argument("--out", type=Path, default=ROOT / "dist", help="--package: folder of the zips (default dist/)")
+    parser.add_argument("--env", type=Path, metavar="DIR",
+                        help="install the backend's dependencies into the environment DIR (run from this folder)")
     args = parser.parse_args(argv)
+    if args.package:
+        return package(args.out)
+    if args.env is not None:
+        return install_environment(args.env.expanduser().absolute())
 
     if sys.version_info[:2] < MIN_PYTHON:
         print(f"[install] needs Python >= {MIN_PYTHON[0]}.{MIN_PYTHON[1]}, this is {sys.version.split()[0]}", file=sys.stderr)
@@ -420,7 +510,7 @@ def main(argv: list[str] | None = None) -> int:
     background = [InBackground("Debian packages", install_debian_blender)] if args.dev else []
     failures = []
     try:
-        py, installer = ensure_backend_venv(sys.executable)
+        py, installer = ensure_backend_venv(sys.executable, VENV)
         if args.dev:
             background.append(InBackground(".venv-bpy", lambda log: install_bpy_venv(installer, log)))
         # written while the rest installs; diffusers imports torch._dynamo (and sympy) too

@@ -41,7 +41,7 @@ from . import paths
 
 protocol = paths.shared("protocol")
 
-DEVICES = ("auto", "cuda", "cpu")
+DEVICES = ("auto", "cuda", "mps", "cpu")
 STDERR_LINES_KEPT = 200
 STDERR_LINES_SHOWN = 12
 EXIT_GRACE = 1.0  # seconds between the process's exit and its stdout's EOF before we stop waiting for it
@@ -89,8 +89,8 @@ def check_settings(settings: BackendSettings) -> None:
         raise ConfigError(f"device must be one of {', '.join(DEVICES)}, got {settings.device!r}")
     python = settings.python.strip()
     if not python:
-        raise ConfigError("Backend Python is not set: choose the interpreter of the backend environment "
-                          "(install.py creates .venv/bin/python) in Preferences > Add-ons > SDS Head")
+        raise ConfigError("no backend yet: click Install Backend in Preferences > Add-ons > SDS Head, or set "
+                          "Backend Python there to an environment of your own (install.py creates .venv/bin/python)")
     path = os.path.expanduser(python)
     if not os.path.isfile(path):
         raise ConfigError(f"Backend Python not found: {path} (set it in Preferences > Add-ons > SDS Head; "

@@ -57,7 +57,7 @@ def parse_args(argv: list[str], fit_config) -> argparse.Namespace:
     parser.add_argument("--vae-model", default=None,
                         help="with --vae tiny: the AutoencoderTiny, hub id or local folder (default: the add-on's "
                              "Tiny VAE preference, else madebyollin/taesd)")
-    parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default=None)
+    parser.add_argument("--device", choices=("auto", "cuda", "mps", "cpu"), default=None)
     parser.add_argument("--backend-python", default=None, help="backend interpreter (default: the add-on preference)")
     parser.add_argument("--object", default=None, help="name of the head object to fit")
     parser.add_argument("--bundle", default=None, help="bundle for a new head when the file has none")
@@ -86,10 +86,13 @@ def addon_package() -> str:
     for name in list(bpy.context.preferences.addons.keys()):
         module = sys.modules.get(name)
         path = getattr(module, "__file__", None) if module is not None else None
-        if not path or getattr(module, "bl_info", {}).get("name") != "SDS Head":
+        if not path:
             continue
         if Path(path).resolve().parent == ADDON_DIR:
             return name
+        # Blender 4.2+ loads an extension without its bl_info: there the name tells
+        if getattr(module, "bl_info", {}).get("name") != "SDS Head" and not name.endswith(".sds_head"):
+            continue
         say(f"disabling the installed add-on {name} ({Path(path).parent}) for this run")
         addon_utils.disable(name, default_set=False)
     root = str(ADDON_DIR.parent)

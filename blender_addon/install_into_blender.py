@@ -8,8 +8,8 @@ Modes (link and copy install the module `sds_head` in Blender's user add-on fold
   link  (default where symlinks work) a symlink to the repository's blender_addon/: edits and
         `git pull` take effect on the next Blender start, and the add-on loads the repository's
         own shared modules (sds_backend/protocol.py, bundle.py, ...: paths.SHARED_MODULES).
-  copy  a self-contained copy: blender_addon/ plus those shared modules in shared/ (byte for byte)
-        and assets/default_head.npz, the same files a 4.2+ extension zip holds.
+  copy  a self-contained copy (packaging.py): blender_addon/ plus backend/ (the backend's source with
+        the shared modules, its installer and the default head), the same files the zips hold.
   extension  (Blender 4.2+) the copy, zipped as an extension package (blender_manifest.toml) and
         installed into the user_default extension repository: the module is bl_ext.user_default.sds_head.
 The user preferences are saved, so the backend Python is remembered. Running it again replaces
@@ -41,7 +41,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--mode", choices=("link", "copy", "extension"), default="link" if os.name != "nt" else "copy")
     parser.add_argument("--zip", type=Path, default=None, help="extension mode: also keep the package zip here")
     parser.add_argument("--model", default=None, help="model preference (hub id or folder)")
-    parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default=None)
+    parser.add_argument("--device", choices=("auto", "cuda", "mps", "cpu"), default=None)
     return parser.parse_args(argv)
 
 
@@ -53,46 +53,14 @@ def is_ours(path: Path) -> bool:
         return False
 
 
-def _shared_module_names(addon_dir: Path) -> tuple[str, ...]:
-    """paths.SHARED_MODULES, read from the add-on's own paths.py (this script runs outside the package)."""
+def _packaging(addon_dir: Path):
+    """packaging.py of the add-on being installed (this script runs outside the package)."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("_sds_head_paths", addon_dir / "paths.py")
+    spec = importlib.util.spec_from_file_location("_sds_head_packaging", addon_dir / "packaging.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.SHARED_MODULES
-
-
-def stage_copy(addon_dir: Path, target: Path) -> None:
-    """blender_addon/ + the shared modules (in shared/) + the default head: a self-contained add-on folder."""
-    repo = addon_dir.parent
-    shutil.copytree(addon_dir, target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    (target / "shared").mkdir()
-    for name in _shared_module_names(addon_dir):
-        shutil.copyfile(repo / "sds_backend" / f"{name}.py", target / "shared" / f"{name}.py")
-    head = repo / "assets" / "default_head.npz"
-    if head.is_file():
-        (target / "assets").mkdir(exist_ok=True)
-        shutil.copyfile(head, target / "assets" / head.name)
-        for extra in sorted(head.parent.glob("default_head*")):
-            if extra != head and extra.is_file():
-                shutil.copyfile(extra, target / "assets" / extra.name)
-
-
-def build_extension_zip(addon_dir: Path, zip_path: Path) -> Path:
-    """The self-contained copy as a Blender 4.2+ extension package (files at the zip's root)."""
-    import tempfile
-    import zipfile
-
-    with tempfile.TemporaryDirectory() as tmp:
-        stage = Path(tmp) / MODULE
-        stage_copy(addon_dir, stage)
-        zip_path.parent.mkdir(parents=True, exist_ok=True)
-        with zipfile.ZipFile(zip_path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
-            for path in sorted(stage.rglob("*")):
-                if path.is_file():
-                    archive.write(path, path.relative_to(stage).as_posix())
-    return zip_path
+    return module
 
 
 def install_extension(args: argparse.Namespace, addon_dir: Path, backend_python: Path) -> str:
@@ -101,7 +69,7 @@ def install_extension(args: argparse.Namespace, addon_dir: Path, backend_python:
     import tempfile
 
     zip_path = args.zip or Path(tempfile.mkdtemp(prefix="sds-head-ext-")) / f"{MODULE}.zip"
-    build_extension_zip(addon_dir, zip_path)
+    _packaging(addon_dir).build_extension_zip(addon_dir.parent, zip_path)
     result = bpy.ops.extensions.package_install_files(filepath=str(zip_path), repo="user_default",
                                                       enable_on_install=True, overwrite=True)
     module = f"bl_ext.user_default.{MODULE}"
@@ -136,7 +104,7 @@ def install(args: argparse.Namespace) -> Path:
     if args.mode == "link":
         target.symlink_to(addon_dir, target_is_directory=True)
     else:
-        stage_copy(addon_dir, target)
+        _packaging(addon_dir).stage(addon_dir.parent, target)
     say(f"{args.mode}: {target} -> {addon_dir if args.mode == 'link' else 'copy'}")
 
     bpy.utils.refresh_script_paths()  # a user add-on folder created just now joins sys.path

@@ -327,7 +327,7 @@ class SDSHEAD_OT_check_backend(OperatorBase, bpy.types.Operator):
     def run(self, context):
         global _doctor
         prefs = preferences.get_preferences(context)
-        run = bridge.DoctorRun(prefs.backend_python, prefs.model or None, prefs.device)
+        run = bridge.DoctorRun(preferences.backend_python(prefs), prefs.model or None, prefs.device)
         try:
             run.start()
         except bridge.ConfigError as exc:

@@ -5,7 +5,7 @@ import textwrap
 
 import bpy
 
-from . import controller, roles, scene
+from . import controller, preferences, roles, scene, setup_operators
 
 CONTROLLER = controller.CONTROLLER
 ROLE_ICONS = {"fit": "SHAPEKEY_DATA", "locked": "LOCKED", "off": "HIDE_ON"}
@@ -41,6 +41,11 @@ class SDSHEAD_PT_main(bpy.types.Panel):
         settings = context.scene.sdshead
         status = context.window_manager.sdshead_status
         busy = CONTROLLER.busy
+
+        # no backend yet (a packaged add-on before Install Backend), or one being installed
+        if setup_operators.busy() or not preferences.backend_python(preferences.get_preferences(context)):
+            box = layout.box()
+            setup_operators.draw_setup_summary(box)
 
         # head
         box = layout.box()

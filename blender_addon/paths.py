@@ -1,19 +1,18 @@
-"""Where the add-on finds the project's files: the shared modules, the default head, the backend Python.
+"""Where the add-on finds the project's files: the shared modules, the default head, the backend.
 
 No bpy here. The add-on shares seven modules with the backend, the very same files: protocol (the
 wire format), bundle (the head format), fit_config (settings, their defaults and ranges), inputs
 (prompt and model checks), files (safe reading, atomic and staged writing), exits (exit codes,
 Ctrl-C) and png (the textures' file format). They import only the standard library, numpy and each
-other, and are imported here as the subpackage `<add-on>._shared`, whose folder is
+other, and are imported here as the subpackage `<add-on>._shared` from `<root>/sds_backend/`,
+where the root is
 
-* `<repo>/sds_backend/` when the add-on runs from the repository (tests, `blender -P
-  blender_addon/headless.py`, or a link install of `<repo>/blender_addon`): the package's own
-  `__init__` is not run, only the shared modules are imported;
-* `shared/` beside this file in a self-contained copy (install_into_blender.py --mode copy, or
-  an extension zip), where packaging copies them byte for byte, and the default head under
-  `assets/`.
+* the repository, when the add-on runs from it (tests, `blender -P blender_addon/headless.py`, or
+  a link install of `<repo>/blender_addon`): the package's own `__init__` is not run;
+* `backend/` beside this file in a packaged add-on (a copy, the extension zip or the legacy zip:
+  packaging.py), which holds the backend's source, its installer and the default head.
 
-The repository copy wins whenever it is reachable through this file's real path.
+The repository wins whenever it is reachable through this file's real path.
 """
 from __future__ import annotations
 
@@ -29,24 +28,21 @@ SHARED_MODULES = ("protocol", "bundle", "fit_config", "inputs", "files", "exits"
 
 
 def repo_root() -> Path | None:
-    """The SDS Head repository this add-on lives in, or None for a self-contained copy."""
-    candidate = ADDON_DIR.parent
-    if (candidate / "sds_backend" / "protocol.py").is_file():
-        return candidate
+    """The folder holding sds_backend/ and assets/: the repository, else a package's backend/."""
+    for candidate in (ADDON_DIR.parent, ADDON_DIR / "backend"):
+        if (candidate / "sds_backend" / "protocol.py").is_file():
+            return candidate
     return None
 
 
 def shared_dir() -> Path:
-    """The folder of the shared modules: the repository's sds_backend/, else the packaged copy."""
+    """The folder of the shared modules: sds_backend/ of repo_root()."""
     root = repo_root()
-    if root is not None:
-        return root / "sds_backend"
-    packaged = ADDON_DIR / "shared"
-    if (packaged / "protocol.py").is_file():
-        return packaged
-    raise FileNotFoundError(
-        f"the shared modules are missing: neither {ADDON_DIR.parent / 'sds_backend'} (repository) nor "
-        f"{packaged} (packaged copy) holds protocol.py; reinstall the add-on with install.py")
+    if root is None:
+        raise FileNotFoundError(
+            f"the shared modules are missing: neither {ADDON_DIR.parent / 'sds_backend'} (repository) nor "
+            f"{ADDON_DIR / 'backend' / 'sds_backend'} (package) holds protocol.py; reinstall the add-on")
+    return root / "sds_backend"
 
 
 def shared(name: str) -> types.ModuleType:
@@ -61,18 +57,21 @@ def shared(name: str) -> types.ModuleType:
 
 
 def default_bundle_path() -> Path:
-    """assets/default_head.npz of the repository, else of the packaged copy (may not exist)."""
-    root = repo_root()
-    if root is not None:
-        return root / "assets" / DEFAULT_BUNDLE_NAME
-    return ADDON_DIR / "assets" / DEFAULT_BUNDLE_NAME
+    """assets/default_head.npz of repo_root() (may not exist)."""
+    root = repo_root() or ADDON_DIR
+    return root / "assets" / DEFAULT_BUNDLE_NAME
+
+
+def in_repository() -> bool:
+    """Whether the add-on runs from the repository (not from a package with its own backend/)."""
+    return repo_root() == ADDON_DIR.parent
+
+
+def venv_python(venv: Path) -> Path:
+    return venv / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
 
 
 def default_backend_python() -> str:
-    """The `.venv` interpreter that install.py creates, when the repository is reachable; else ''."""
-    root = repo_root()
-    if root is None:
-        return ""
-    if os.name == "nt":
-        return str(root / ".venv" / "Scripts" / "python.exe")
-    return str(root / ".venv" / "bin" / "python")
+    """The repository's `.venv` interpreter (install.py makes it) when the add-on runs from the
+    repository; else '' (a packaged add-on runs the environment *Install Backend* makes)."""
+    return str(venv_python(ADDON_DIR.parent / ".venv")) if in_repository() else ""

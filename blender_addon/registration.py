@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import bpy
 
-from . import controller, operators, panel, preferences, properties
+from . import controller, operators, panel, preferences, properties, setup_operators
 
-_MODULES = (properties, preferences, operators, panel)
+_MODULES = (properties, preferences, operators, setup_operators, panel)
 
 
 @bpy.app.handlers.persistent

@@ -1,4 +1,4 @@
-"""Command line: python -m sds_backend {fit,serve,doctor,bench,make-head,make-tiny-sd} ...
+"""Command line: python -m sds_backend {fit,serve,doctor,download-model,bench,make-head,make-tiny-sd} ...
 
 Each subcommand lives in its own module; this file only routes, so `--help` stays fast and
 importing the CLI never loads torch until a command needs it.
@@ -16,6 +16,7 @@ COMMANDS = {
     "fit": ("sds_backend.app.fit_command", "fit the head to a text prompt and write the outputs"),
     "serve": ("sds_backend.app.server", "speak the JSON-lines protocol on stdin/stdout (used by the Blender add-on)"),
     "doctor": ("sds_backend.app.doctor", "report device, versions, whether the model and the default head load"),
+    "download-model": ("sds_backend.app.download", "fetch the model (and a tiny VAE) into the Hugging Face cache"),
     "bench": ("sds_backend.tools.bench", "print benchmark figures as one JSON object"),
     "make-head": ("sds_backend.tools.make_head", "build assets/default_head.npz from the CC0 MakeHuman data"),
     "make-tiny-sd": ("sds_backend.tools.tiny_sd", "save a tiny random Stable Diffusion folder (tests, demos)"),
@@ -34,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     name = argv[0]
     if name not in COMMANDS:
         parser.error(f"unknown command {name!r}; choose from {', '.join(COMMANDS)}")
+    if sys.platform == "darwin":   # an op Apple's MPS lacks runs on the CPU instead of failing (app/device.py)
+        os.environ.setdefault("PYTORCH_ENABLE_MPS_FALLBACK", "1")
     from .app.allocator import tune_for_reuse
 
     tune_for_reuse()   # this process is ours: keep freed tensor memory mapped (see allocator.py)

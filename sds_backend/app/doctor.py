@@ -5,7 +5,8 @@ parses it); logging and progress bars go to stderr. Exit code 0 when the model l
 bundle validates, 1 otherwise:
 
     {"ok": bool,
-     "device": {"type": "cuda"|"cpu", "name": str, "memory_gib": float|null},
+     "device": {"type": "cuda"|"mps"|"cpu", "name": str, "memory_gib": float|null,
+                "cuda_available": bool, "mps_available": bool},
      "versions": {"python", "sds_backend", "torch", "diffusers", "transformers": str|null},
      "model": {"id": str, "ok": bool, "seconds": float|null, "dtype": str|null, "device": str|null,
                "resolution": int|null, "error": str|null},
@@ -29,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="hub id or local folder of a diffusers SD checkpoint "
                              "(default: $SDS_HEAD_MODEL or stable-diffusion-v1-5/stable-diffusion-v1-5)")
     parser.add_argument("--head", type=Path, default=DEFAULT_HEAD, help=f"head bundle to validate (default: {DEFAULT_HEAD})")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to load the model")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto", help="where to load the model")
     parser.add_argument("--download", action="store_true",
                         help="let the model check download a hub id that is not cached (off: local files only)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
@@ -41,8 +42,9 @@ def run(args: argparse.Namespace) -> int:
     from .. import __version__
     from ..inputs import default_model_id
 
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
+    from .device import resolve_device
+
+    device = resolve_device("auto") if args.device == "auto" else torch.device(args.device)
     report = {
         "device": _device_info(device),
         "versions": {"python": platform.python_version(), "sds_backend": __version__,
@@ -68,13 +70,19 @@ def _version(distribution: str) -> str | None:
 def _device_info(device: Any) -> dict[str, Any]:
     import torch
 
+    from .device import mps_available
+
+    seen = {"cuda_available": torch.cuda.is_available(), "mps_available": mps_available(torch)}
     if device.type == "cuda" and torch.cuda.is_available():
         props = torch.cuda.get_device_properties(device)
-        return {"type": "cuda", "name": props.name, "memory_gib": round(props.total_memory / 2**30, 1)}
-    if device.type == "cuda":
-        return {"type": "cuda", "name": "not available (torch sees no CUDA device)", "memory_gib": None}
+        return {"type": "cuda", "name": props.name, "memory_gib": round(props.total_memory / 2**30, 1), **seen}
+    if device.type in ("cuda", "mps") and not seen[f"{device.type}_available"]:
+        return {"type": device.type, "name": f"not available (torch sees no {device.type.upper()} device)",
+                "memory_gib": None, **seen}
+    if device.type == "mps":
+        return {"type": "mps", "name": f"Apple GPU (MPS) on {platform.machine()}", "memory_gib": None, **seen}
     name = platform.processor() or platform.machine()
-    return {"type": device.type, "name": f"{name} ({torch.get_num_threads()} threads)", "memory_gib": None}
+    return {"type": device.type, "name": f"{name} ({torch.get_num_threads()} threads)", "memory_gib": None, **seen}
 
 
 def _check_model(model: str, device: Any, allow_download: bool) -> dict[str, Any]:
@@ -82,13 +90,12 @@ def _check_model(model: str, device: Any, allow_download: bool) -> dict[str, Any
     result: dict[str, Any] = {"id": model, "ok": False, "seconds": None, "dtype": None, "device": str(device),
                               "resolution": None, "error": None}
     try:
-        import torch
-
         from ..core.guidance import load_model, resolve_dtype
 
         start = time.perf_counter()
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError("--device cuda was asked for but torch sees no CUDA device")
+        from .device import resolve_device
+
+        resolve_device(str(device))          # a device torch does not have: the one clear error
         dtype = resolve_dtype("auto", device)
         loaded = load_model(model, dtype, device, allow_download=allow_download)
     except Exception as exc:  # the doctor reports every failure instead of crashing on it

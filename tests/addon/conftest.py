@@ -64,6 +64,14 @@ needs_backend = pytest.mark.skipif(backend_ready() is not None, reason=str(backe
 needs_blender = pytest.mark.skipif(BLENDER is None, reason="no 'blender' executable on PATH")
 
 
+def blender_ext_cli() -> Path:
+    """Blender's own extension tool (bl_pkg's blender_ext.py, which validates manifests), from the bpy wheel."""
+    found = list(Path(bpy.utils.system_resource("SCRIPTS")).glob("addons_core/bl_pkg/cli/blender_ext.py"))
+    if not found:
+        pytest.skip("this Blender has no extension tooling (bl_pkg)")
+    return found[0]
+
+
 @pytest.fixture(scope="session")
 def addon():
     """The add-on enabled through addon_utils (like Blender does), once per session."""

@@ -6,13 +6,12 @@ import os
 import subprocess
 import sys
 import tomllib
-from pathlib import Path
 
 import addon_utils
 import bpy
 import pytest
 
-from conftest import ADDON, ROOT
+from conftest import ADDON, ROOT, blender_ext_cli
 
 ADDON_DIR = ROOT / "blender_addon"
 
@@ -59,15 +58,16 @@ def _operator_registered(idname: str) -> bool:
 
 
 def test_every_operator_shares_the_prefix(addon):
-    from blender_addon import operators, panel
+    from blender_addon import operators, panel, setup_operators
 
-    assert all(cls.bl_idname.startswith("sdshead.") for cls in operators.CLASSES)
+    registered = operators.CLASSES + setup_operators.CLASSES
+    assert all(cls.bl_idname.startswith("sdshead.") for cls in registered)
     drawn = set()
-    for path in (ADDON_DIR / "panel.py", ADDON_DIR / "preferences.py"):
+    for path in (ADDON_DIR / "panel.py", ADDON_DIR / "preferences.py", ADDON_DIR / "setup_operators.py"):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "operator":
                 drawn.add(node.args[0].value)
-    assert drawn and drawn <= {cls.bl_idname for cls in operators.CLASSES}
+    assert drawn and drawn <= {cls.bl_idname for cls in registered}
     assert panel.SDSHEAD_PT_main.bl_category == "SDS Head"
 
 
@@ -141,15 +141,6 @@ def test_panel_defaults_and_limits_are_the_backends_fit_config(addon):
             assert prop.hard_max == pytest.approx(limits.high), name
 
 
-def _blender_ext_cli():
-    import addon_utils as _  # noqa: F401  (the bpy wheel's addons_core is on sys.path after import bpy)
-
-    found = list(Path(bpy.utils.system_resource("SCRIPTS")).glob("addons_core/bl_pkg/cli/blender_ext.py"))
-    if not found:
-        pytest.skip("this Blender has no extension tooling (bl_pkg)")
-    return found[0]
-
-
 def test_extension_package_validates_and_installs_in_blender_5(tmp_path):
     """Blender's own validator accepts the manifest; installing the zip as a 4.2+ extension works,
     and the installed extension runs on its byte-identical copies of the shared modules."""
@@ -160,14 +151,15 @@ def test_extension_package_validates_and_installs_in_blender_5(tmp_path):
                               str(ADDON_DIR), "--backend-python", "/opt/sds/python", "--mode", "extension",
                               "--zip", str(zip_path)], env=env, capture_output=True, text=True, timeout=120)
     assert install.returncode == 0, install.stdout + install.stderr
-    validate = subprocess.run([sys.executable, str(_blender_ext_cli()), "validate", str(zip_path)],
+    validate = subprocess.run([sys.executable, str(blender_ext_cli()), "validate", str(zip_path)],
                               capture_output=True, text=True, timeout=60)
     assert validate.returncode == 0, validate.stdout + validate.stderr
     installed = tmp_path / "ext" / "user_default" / "sds_head"
     from blender_addon import paths
 
     for name in paths.SHARED_MODULES:
-        assert (installed / "shared" / f"{name}.py").read_bytes() == (ROOT / "sds_backend" / f"{name}.py").read_bytes()
+        assert (installed / "backend" / "sds_backend" / f"{name}.py").read_bytes() == \
+            (ROOT / "sds_backend" / f"{name}.py").read_bytes()
     check = subprocess.run([sys.executable, "-c", (
         "import bpy, sys; bpy.ops.wm.read_userpref()\n"
         "name = 'bl_ext.user_default.sds_head'\n"
@@ -177,5 +169,5 @@ def test_extension_package_validates_and_installs_in_blender_5(tmp_path):
         timeout=120)
     assert check.returncode == 0, check.stderr
     assert "PYTHON /opt/sds/python" in check.stdout
-    assert f"PROTOCOL {installed / 'shared' / 'protocol.py'}" in check.stdout
+    assert f"PROTOCOL {installed / 'backend' / 'sds_backend' / 'protocol.py'}" in check.stdout
     assert "PANEL True" in check.stdout

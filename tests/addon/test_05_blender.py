@@ -61,8 +61,8 @@ def test_install_into_blender_enables_the_addon_and_headless_uses_it(tmp_path, b
         assert installed.is_symlink() and installed.resolve() == ROOT / "blender_addon"
         expected_protocol = ROOT / "sds_backend" / "protocol.py"
     else:
-        assert (installed / "shared" / "protocol.py").read_bytes() == (ROOT / "sds_backend" / "protocol.py").read_bytes()
-        expected_protocol = installed / "shared" / "protocol.py"
+        expected_protocol = installed / "backend" / "sds_backend" / "protocol.py"
+        assert expected_protocol.read_bytes() == (ROOT / "sds_backend" / "protocol.py").read_bytes()
     # a fresh Blender with the saved preferences: enabled, path remembered, the right protocol file loaded
     check = blender_script(tmp_path, """
         import bpy, sys
