@@ -187,6 +187,7 @@ class SDSHEAD_PT_advanced(bpy.types.Panel):
         column = layout.column()
         column.enabled = not CONTROLLER.busy
         column.prop(settings, "vae")
+        column.prop(settings, "dtype")
         for name in ("texture_lr", "weight_clamp", "render_size", "texture_size", "event_every", "texture_every"):
             column.prop(settings, name)
         self.layout.operator("sdshead.stop_backend", icon="CANCEL")

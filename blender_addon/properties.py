@@ -65,6 +65,10 @@ class SDSHEAD_PG_settings(bpy.types.PropertyGroup):
         ("full", "Full", "The model's own VAE encoder, as the published SDS methods use"),
         ("tiny", "Tiny", "TAESD (the Tiny VAE preference): the same latents, a step in about 0.4x the time and "
                          "less GPU memory; for speed and 8 GB cards")])
+    dtype: EnumProperty(name="Precision", default=DEFAULTS.dtype, items=[
+        ("auto", "Auto", "float16 on CUDA, float32 on Apple's MPS and the CPU"),
+        ("float32", "float32", "Full precision everywhere"),
+        ("float16", "float16", "Half the memory; on MPS too (a CPU refuses it)")])
     key_pattern: StringProperty(name="Key Pattern", default="*",
                                 description="Shape keys the Fit / Lock / Off buttons below set: globs, comma-separated "
                                             "(e.g. 'nose*, chin*'; '*' is every key)")
@@ -100,7 +104,7 @@ def as_typed(value):
 def fit_inputs(settings: SDSHEAD_PG_settings, model: str, tiny_vae: str = "") -> controller.FitInputs:
     """The panel's settings as the service's input; `tiny_vae` (the preference) goes with VAE Tiny only."""
     stages = [s for s, on in (("shape", settings.stage_shape), ("texture", settings.stage_texture)) if on]
-    config = {"stages": stages, "vae": settings.vae,
+    config = {"stages": stages, "vae": settings.vae, "dtype": settings.dtype,
               **{name: as_typed(getattr(settings, name)) for name in NUMBER_SETTINGS}}
     return controller.FitInputs(prompt=settings.prompt, negative_prompt=settings.negative_prompt, model=model,
                                 vae_model=tiny_vae if settings.vae == "tiny" else "", config=config)

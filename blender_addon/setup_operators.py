@@ -74,12 +74,13 @@ def _draw_run(layout, run: backend_env.StepRun | None, detail: str = "") -> None
 
 def draw_backend_box(box, prefs) -> None:
     """The Backend section of the preferences (also used by the sidebar when there is no backend)."""
+    if _install is not None and _install.running:
+        box.label(text=f"Installing the backend into {_install.venv}", icon="IMPORT")
+        _draw_run(box, _install)
+        return
     state = current_state()
     text, icon = STATE_TEXT[state]
     box.label(text=text if not prefs.backend_python.strip() else "Using the Backend Python below", icon=icon)
-    if _install is not None and _install.running:
-        _draw_run(box, _install)
-        return
     row = box.row()
     if state == "ready":
         row.operator("sdshead.install_backend", text="Update Backend", icon="FILE_REFRESH").fresh = True
@@ -99,7 +100,7 @@ def draw_setup_summary(layout) -> None:
         _draw_run(layout, _install)
     if _download is not None and _download.running:
         draw_download(layout)
-    if not busy():
+    if not busy() and not (_install is not None and not _install.ok and current_state() == "missing"):
         text, icon = STATE_TEXT[current_state()]
         layout.label(text=text, icon=icon)
         layout.operator("sdshead.install_backend", icon="IMPORT").fresh = current_state() != "missing"

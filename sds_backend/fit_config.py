@@ -22,6 +22,7 @@ TextureParam = Literal["pyramid", "rgb"]
 Background = Literal["black", "white", "random"]
 Weighting = Literal["1-alpha", "sqrt_alpha_1m_alpha", "uniform"]
 Vae = Literal["full", "tiny"]
+Dtype = Literal["auto", "float32", "float16"]
 STAGE_ORDER: tuple[Stage, ...] = get_args(Stage)
 
 
@@ -72,6 +73,9 @@ class FitConfig:
     vae: Vae = "full"
     """The encoder SDS pulls the render through: "full" (the model's own VAE, as the published methods
     use) or "tiny" (a TAESD AutoencoderTiny: the same latent space, a step in about 0.4x the time)."""
+    dtype: Dtype = "auto"
+    """The model's weights: "auto" = float16 on CUDA, float32 on Apple's MPS and the CPU; "float16"
+    halves memory on MPS too (a CPU refuses it)."""
     texture_size: int = 512
     """Side of the square UV texture in texels."""
     texture_param: TextureParam = "pyramid"
@@ -178,7 +182,7 @@ RANGES: dict[str, Range] = {
 }
 CHOICES: dict[str, tuple[str, ...]] = {
     "weighting": get_args(Weighting), "texture_param": get_args(TextureParam), "shading": get_args(Shading),
-    "background": get_args(Background), "vae": get_args(Vae),
+    "background": get_args(Background), "vae": get_args(Vae), "dtype": get_args(Dtype),
 }
 OPTIONAL = ("guidance_resolution", "shape_t_max_end", "texture_t_max_end")   # null allowed
 PAIRS = ("yaw_range", "texture_yaw_range", "pitch_range", "zoom_range")
@@ -236,6 +240,7 @@ FLAGS: dict[str, tuple[str, type, str]] = {
     "--l2": ("l2_weight", float, "L2 penalty on the shape weights"),
     "--weight-clamp": ("weight_clamp", float, "weights stay within +-this many standard deviations"),
     "--vae": ("vae", str, "SDS encoder: full (the model's own VAE) or tiny (TAESD, faster)"),
+    "--dtype": ("dtype", str, "model weights: auto (float16 on CUDA, float32 elsewhere), float32 or float16"),
     "--render-size": ("render_size", int, "render side in pixels"),
     "--texture-size": ("texture_size", int, "UV texture side in texels"),
     "--event-every": ("event_every", int, "report progress every N iterations"),

@@ -8,7 +8,7 @@ subprocesses take turns), so on two cores the whole run takes about half the sum
 one process per suite left a core idle while the longer suite finished. Backend part one is
 test_fit.py, test_bench.py, test_allocator.py and test_hostile_inputs.py, part two every other
 file; add-on part one
-is test_05_blender.py and test_08_ui.py (Blender started per test), part two every other file;
+is test_05_blender.py, test_08_ui.py and test_09_install.py (Blender started per test, real installs), part two every other file;
 so a new test file always lands in a part, and each suite's two parts take about the same CPU
 time. Each part's output is printed whole when it ends (`--serial` runs the suites whole, one
 after the other, streaming). Exit status is non-zero when any part fails; a suite whose environment is missing
@@ -29,7 +29,7 @@ BACKEND, ADDON = ROOT / "tests" / "backend", ROOT / "tests" / "addon"
 # about half of each suite's CPU time (measured per test): the oracle fits and the bench's own,
 # and the add-on files with the most Blender starts
 BACKEND_PART_ONE = ("test_fit.py", "test_bench.py", "test_allocator.py", "test_hostile_inputs.py")
-ADDON_PART_ONE = ("test_05_blender.py", "test_08_ui.py")
+ADDON_PART_ONE = ("test_05_blender.py", "test_08_ui.py", "test_09_install.py")
 
 
 def halves(folder: Path, part_one: tuple[str, ...]) -> list[list[str]]:

@@ -14,7 +14,7 @@ DEVICE_NAME = re.compile(r"auto|cpu|mps|cuda(:\d{1,2})?")
 
 
 def check_device_name(name: str) -> str:
-    """`name` when it is auto, cpu or cuda[:N] (checked without importing torch)."""
+    """`name` when it is auto, cpu, mps or cuda[:N] (checked without importing torch)."""
     if not isinstance(name, str) or not DEVICE_NAME.fullmatch(name):
         raise InputError(f"device: expected auto, cpu, mps or cuda[:N], got {name!r}")
     return name

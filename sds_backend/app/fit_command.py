@@ -37,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: $SDS_HEAD_TINY_VAE or madebyollin/taesd)")
     parser.add_argument("--bundle", default=None,
                         help="morphable model .npz, or .glb with morph targets (default: assets/default_head.npz)")
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    parser.add_argument("--device", default="auto", help="auto (CUDA, else MPS, else CPU), cuda[:N], mps or cpu")
     fit_config.add_flags(parser)
     parser.add_argument("--initial-weights", type=Path, default=None,
                         help="weights.json ({component: weight}) to start from; components it omits start at 0")

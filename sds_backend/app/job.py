@@ -19,8 +19,8 @@ import torch
 from .. import __version__
 from ..core import export
 from ..core.fit import FitEvent, Fitter, FitResult
-from ..core.guidance import (DiffusionModel, GuidanceConfig, StableDiffusionGuidance, default_model_id, load_model,
-                             resolve_dtype)
+from ..core.guidance import (DiffusionModel, GuidanceConfig, ModelLoadError, StableDiffusionGuidance, default_model_id,
+                             load_model, resolve_dtype)
 from ..files import OutputSet
 from .request import OUTPUT_FILES, FitRequest
 
@@ -36,14 +36,18 @@ class JobResult:
 class Backend:
     """The loaded diffusion model for one device, reused across jobs."""
 
-    def __init__(self, device: torch.device, models: dict[tuple[str, str | None], DiffusionModel] | None = None):
+    def __init__(self, device: torch.device, models: dict[tuple, DiffusionModel] | None = None):
         self.device = device
-        self._models: dict[tuple[str, str | None], DiffusionModel] = dict(models or {})
+        self._models: dict[tuple, DiffusionModel] = dict(models or {})
 
-    def diffusion_model(self, model: str | None, tiny_vae: str | None = None) -> DiffusionModel:
-        """Load (once) the diffusion model, with the tiny VAE `tiny_vae` instead of its own one;
-        raises guidance.ModelLoadError with advice."""
-        key = (model or default_model_id(), tiny_vae)
+    def diffusion_model(self, model: str | None, tiny_vae: str | None = None, dtype: str = "auto") -> DiffusionModel:
+        """Load (once) the diffusion model in `dtype`, with the tiny VAE `tiny_vae` instead of its
+        own one; raises guidance.ModelLoadError with advice."""
+        try:
+            weights_dtype = resolve_dtype(dtype, self.device)
+        except ValueError as exc:
+            raise ModelLoadError(f"{exc}: float16 needs a GPU (CUDA or MPS)") from None
+        key = (model or default_model_id(), tiny_vae, weights_dtype)
         if key not in self._models:
             # one model at a time: drop the previous one first so two never share the accelerator
             self._models.clear()
@@ -51,7 +55,7 @@ class Backend:
                 torch.cuda.empty_cache()
             log.info("loading diffusion model %s%s on %s", key[0], f" with tiny VAE {tiny_vae}" if tiny_vae else "",
                      self.device)
-            self._models[key] = load_model(key[0], resolve_dtype("auto", self.device), self.device, tiny_vae=tiny_vae)
+            self._models[key] = load_model(key[0], weights_dtype, self.device, tiny_vae=tiny_vae)
         return self._models[key]
 
     def prepare(self, request: FitRequest, checkpoint_path: Path | None = None, resume: bool = False) -> "PreparedJob":
@@ -60,7 +64,7 @@ class Backend:
         Raises guidance.ModelLoadError, or checkpoint.CheckpointError for a checkpoint that cannot be
         resumed from.
         """
-        diffusion = self.diffusion_model(request.model, request.tiny_vae)
+        diffusion = self.diffusion_model(request.model, request.tiny_vae, request.config.dtype)
         unet_parameters = sum(p.numel() for p in diffusion.unet.parameters())
         if self.device.type == "cpu" and unet_parameters > 100_000_000:
             log.warning("running a %.0fM-parameter UNet on the CPU: expect tens of seconds per iteration "

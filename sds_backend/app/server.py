@@ -26,7 +26,7 @@ KEEP_TEXTURES = 3   # live texture PNGs kept per job: the client may still be re
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    parser.add_argument("--device", default="auto", help="auto (CUDA, else MPS, else CPU), cuda[:N], mps or cpu")
     parser.add_argument("--log-level", default="INFO", help="stderr log level")
 
 

@@ -14,7 +14,7 @@ import torch
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("what", choices=("raster", "fit"), help="which benchmark")
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    parser.add_argument("--device", default="auto", help="auto (CUDA, else MPS, else CPU), cuda[:N], mps or cpu")
     parser.add_argument("--repeats", type=int, default=None,
                         help="timed runs per configuration (default: raster 15, fit 25)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
