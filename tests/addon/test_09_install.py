@@ -220,3 +220,42 @@ def test_install_progress_reads_install_py_steps():
     assert seen == sorted(seen) and seen[0] > 0 and seen[-1] == 1.0
     run._lines = ["[install] step 'install torch' failed (exit code 1); see the output above\n"]
     assert run.failure(1) == "step 'install torch' failed (exit code 1); see the output above"
+
+
+def test_a_python_that_cannot_run_install_py_fails_in_one_line_and_repair_starts_afresh(tmp_path):
+    """Repair (fresh) removes the broken environment before installing; an interpreter that is not
+    Python, or is too old, ends the run with its own one line, not a hung 'running'."""
+    from blender_addon import backend_env
+
+    venv = tmp_path / "env"
+    venv.mkdir()
+    (venv / "pyvenv.cfg").write_text("home = /gone\n")
+    old = tmp_path / "python3.9"
+    old.write_text('#!/bin/sh\necho "[install] needs Python >= 3.10, this is 3.9.18" >&2\nexit 2\n')
+    old.chmod(0o755)
+    run = backend_env.InstallRun(str(old), venv, fresh=True).start()
+    run.join(30)
+    assert not venv.exists()
+    assert run.ok is False and run.message == ("backend install failed: [install] needs Python >= 3.10, "
+                                               "this is 3.9.18 (exit code 2)")
+    not_python = tmp_path / "notes.txt"
+    not_python.write_text("hello")
+    run = backend_env.InstallRun(str(not_python), venv).start()
+    run.join(30)
+    assert run.ok is False and run.message.startswith(f"backend install failed: cannot run {not_python}")
+
+
+def test_install_backend_refuses_a_missing_python_before_changing_anything(addon, tmp_path, monkeypatch):
+    import bpy
+    from blender_addon import preferences
+
+    monkeypatch.setattr(preferences, "environment_dir", lambda: tmp_path / "env")
+    prefs = preferences.get_preferences()
+    before = prefs.install_python
+    prefs.install_python = str(tmp_path / "no-such-python")
+    try:
+        with pytest.raises(RuntimeError, match="Python for the install not found: .*no-such-python"):
+            bpy.ops.sdshead.install_backend()
+    finally:
+        prefs.install_python = before
+    assert not (tmp_path / "env").exists()
