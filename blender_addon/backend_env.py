@@ -12,6 +12,7 @@ its output appended to a log file the messages point at, cancellable at any time
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
@@ -35,8 +36,10 @@ INSTALL_STEPS = (
 _INSTALL_LINE = re.compile(r"^\[install\] (?P<step>[^:]+?)(?::| failed| \(with pip\)|$)")
 
 
+@functools.lru_cache(maxsize=1)
 def installer_module():
-    """install.py of the backend this add-on runs (stdlib only; its main() is not run)."""
+    """install.py of the backend this add-on runs (stdlib only; its main() is not run), loaded once:
+    the panel asks for the environment's state on every redraw."""
     root = paths.repo_root()
     if root is None or not (root / "install.py").is_file():
         raise FileNotFoundError("this add-on has no backend/ folder with install.py: reinstall it from its zip")
