@@ -461,6 +461,9 @@ def install_environment(venv: Path) -> int:
     if sys.version_info[:2] < MIN_PYTHON:
         print(f"[install] needs Python >= {MIN_PYTHON[0]}.{MIN_PYTHON[1]}, this is {sys.version.split()[0]}", file=sys.stderr)
         return 2
+    if venv.exists() and not venv.is_dir():
+        print(f"[install] --env {venv}: not a folder", file=sys.stderr)
+        return 2
     if is_complete(venv):
         say(f"the backend environment {venv} is complete: nothing to do")
         return 0
@@ -485,7 +488,12 @@ def package(out: Path) -> int:
     spec = importlib.util.spec_from_file_location("sds_head_packaging", ROOT / "blender_addon" / "packaging.py")
     packaging = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(packaging)
-    for path in packaging.build_packages(ROOT, out.expanduser().absolute()):
+    try:
+        written = packaging.build_packages(ROOT, out.expanduser().absolute())
+    except OSError as exc:
+        print(f"[install] cannot write the zips into {out}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    for path in written:
         say(f"wrote {path} ({path.stat().st_size / 2 ** 20:.1f} MiB)")
     return 0
 

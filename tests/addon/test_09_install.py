@@ -259,3 +259,15 @@ def test_install_backend_refuses_a_missing_python_before_changing_anything(addon
     finally:
         prefs.install_python = before
     assert not (tmp_path / "env").exists()
+
+
+@pytest.mark.parametrize("args, code, message", [
+    (["--package", "--out", "{tmp}/file.txt/dist"], 1, "cannot write the zips into"),
+    (["--env", "{tmp}/file.txt"], 2, "--env {tmp}/file.txt: not a folder"),
+])
+def test_install_py_refuses_an_output_it_cannot_use_in_one_line(tmp_path, args, code, message):
+    (tmp_path / "file.txt").write_text("mine")
+    result = subprocess.run([sys.executable, str(ROOT / "install.py"), *(a.format(tmp=tmp_path) for a in args)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == code and message.format(tmp=tmp_path) in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and (tmp_path / "file.txt").read_text() == "mine"
