@@ -100,10 +100,13 @@ def draw_setup_summary(layout) -> None:
         _draw_run(layout, _install)
     if _download is not None and _download.running:
         draw_download(layout)
-    if not busy() and not (_install is not None and not _install.ok and current_state() == "missing"):
-        text, icon = STATE_TEXT[current_state()]
+    if busy():
+        return
+    state = current_state()
+    if not (_install is not None and not _install.ok and state == "missing"):
+        text, icon = STATE_TEXT[state]
         layout.label(text=text, icon=icon)
-        layout.operator("sdshead.install_backend", icon="IMPORT").fresh = current_state() != "missing"
+        layout.operator("sdshead.install_backend", icon="IMPORT").fresh = state != "missing"
 
 
 def draw_download(layout) -> None:
